@@ -1,0 +1,66 @@
+"""Defaults shared by every task config. A task config starts from `get_base_config()` and fills `task`/`models`.
+
+Lists are comma-separated strings so that they can be set from the command line:
+`--config.experiment.pairs='weak->strong,mid->strong' --config.experiment.losses=xent,logconf`.
+"""
+import ml_collections
+
+
+def model(source="pretrain", preset="", checkpoint="", lr=0.0, pretrain_steps=0):
+    """One model of the ladder: pretrained here from a preset, or loaded from a Hugging Face checkpoint."""
+    return ml_collections.ConfigDict(dict(source=source, preset=preset, checkpoint=checkpoint, lr=lr,
+                                          pretrain_steps=pretrain_steps))
+
+
+def get_base_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = ""  # --workdir wins; empty -> runs/<task>_<preset>
+
+    c.task = ml_collections.ConfigDict()  # filled by the task config (kind, name, scoring, max_len, ...)
+
+    # The model ladder, smallest first. Order matters for plots and for which models are "weak".
+    c.models = ml_collections.ConfigDict()
+    c.model_defaults = ml_collections.ConfigDict(dict(
+        dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none"))
+
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        source="train",  # "train": byte-level BPE trained on the task corpus; "model": the checkpoint's tokenizer
+        vocab_size=2048, path=""))
+
+    # Pretraining of `source='pretrain'` models (next-token prediction on the task's corpus).
+    c.pretrain = ml_collections.ConfigDict(dict(
+        steps=300, batch_size=32, seq_len=256, lr=3e-3, warmup_steps=30, schedule="cosine", optimizer="adamw",
+        weight_decay=0.1, grad_clip=1.0, microbatches=1))
+
+    # Finetuning on labels (ground truth or weak); defaults from the openai reference.
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=32, microbatches=1, epochs=2.0, lr=5e-5, schedule="cosine", warmup_steps=0,
+        optimizer="adam", weight_decay=0.0, grad_clip=0.0, head_init="zero",
+        early_stopping="none",  # "none" | "weak_labels" (realistic) | "ground_truth_oracle" (the paper's oracle)
+        val_frac=0.1, eval_every=50, checkpoint_every=50))
+
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64))
+
+    c.experiment = ml_collections.ConfigDict(dict(
+        ground_truth="",  # models trained on ground truth (empty: all); supervisors and students are added
+        pairs="",  # "weak->strong,..."
+        losses="xent,logconf",
+        chains="",  # "weak->mid->strong,..."
+        chain_loss="xent",
+        labels="soft",  # "soft": the supervisor's probabilities; "hard": its argmax
+    ))
+
+    # Keyword arguments of each loss (w2s_jax.losses.get).
+    c.losses = ml_collections.ConfigDict(dict(
+        logconf=dict(aux_coef=0.5, warmup_frac=0.2, schedule="linear"),
+        product=dict(alpha=1.0, beta=1.0),
+        window=dict(radius=0.15),
+        entropy=dict(aux_coef=0.5, warmup_frac=0.2, schedule="linear"),
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.logical_rules = ()  # empty: w2s_jax.parallel.DEFAULT_RULES
+    c.distributed = ml_collections.ConfigDict(dict(
+        mode="off", coordinator_address="", num_processes=0, process_id=-1))
+    return c

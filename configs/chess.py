@@ -1,0 +1,55 @@
+"""Chess puzzles (the paper's generative task): predict the first move of the solution.
+
+Presets (`--config=configs/chess.py:<preset>`):
+  tiny    (default) a ladder of three LLaMA-architecture models pretrained here on engine games (disjoint from
+          every puzzle's game), then weak/strong ground truth, naive weak-to-strong, logconf, and the bootstrapping
+          chain weak -> mid -> strong. Runs on a laptop CPU.
+  smoke   the same pipeline at toy size (tests, CI).
+  llama1  LLaMA-1 7B weak / 13B strong from Hugging Face checkpoint paths, sharded for TPU/GPU.
+  llama2  LLaMA-2 7B weak / 13B strong, likewise.
+"""
+from configs.base import get_base_config, model
+from w2s_jax.data.chess import default_task_config
+
+
+def get_config(preset: str = "tiny"):
+    c = get_base_config()
+    c.name = f"chess_{preset}"
+    c.task = default_task_config()
+    c.task.kind = "chess"
+    # choice_lm: each legal move (SAN, leading space) is scored by its log-likelihood after the prompt.
+    c.task.scoring = "choice_lm"
+    c.task.max_len = 512
+    c.experiment.pairs = "weak->strong"
+    c.experiment.losses = "xent,logconf"
+    c.experiment.chains = "weak->mid->strong"
+
+    if preset == "tiny":
+        c.models.weak = model(preset="tiny-s", lr=1e-3)
+        c.models.mid = model(preset="tiny-m", lr=5e-4)
+        c.models.strong = model(preset="tiny-l", lr=3e-4)
+        c.pretrain.steps = 400
+    elif preset == "smoke":
+        c.task.n_train, c.task.n_test, c.task.max_corpus_games = 256, 64, 400
+        c.tokenizer.vocab_size = 512
+        c.models.weak = model(preset="micro-s", lr=1e-3)
+        c.models.mid = model(preset="micro-m", lr=1e-3)
+        c.models.strong = model(preset="micro-l", lr=1e-3)
+        c.pretrain.update(steps=20, batch_size=16, seq_len=128)
+        c.train.update(batch_size=16, epochs=1.0, checkpoint_every=4)
+        c.eval.batch_size = 32
+    elif preset in ("llama1", "llama2"):
+        # Real checkpoints: give their paths on the command line. Data: the lichess CSV or the generator.
+        c.models.weak = model(source="hf", lr=1e-5)
+        c.models.strong = model(source="hf", lr=1e-5)
+        c.experiment.chains = ""
+        c.tokenizer.source = "model"
+        c.model_defaults.update(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full")
+        c.train.update(microbatches=4, checkpoint_every=100)
+        c.eval.batch_size = 32
+        c.mesh.update(data=1, fsdp=-1, tensor=1)
+        c.task.update(n_train=100_000, n_test=5_000)
+        c.preset_family = preset
+    else:
+        raise ValueError(f"unknown chess preset {preset!r}: expected tiny, smoke, llama1 or llama2")
+    return c

@@ -1,0 +1,68 @@
+"""Run a weak-to-strong experiment from a config.
+
+    python launch/main.py --config=configs/chess.py                      # the tiny CPU default
+    python launch/main.py --config=configs/chess.py:smoke --workdir=/tmp/w2s
+    python launch/main.py --config=configs/chess.py:llama2 \
+        --config.models.weak.checkpoint=/ckpt/llama-2-7b-hf --config.models.strong.checkpoint=/ckpt/llama-2-13b-hf
+
+Every stage writes into the workdir and is skipped when already done, so the same command resumes a stopped run.
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/chess.py", "Experiment config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir or runs/<task>).")
+
+
+def default_workdir(cfg) -> str:
+    return cfg.workdir or os.path.join("runs", cfg.get("name", "") or cfg.task.name)
+
+
+def parse_flags(argv):
+    """absl flag parsing, with an unknown config key reported as one line naming the flag, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        sys.exit(f"error: {bad[0].split('=')[0] if bad else key!r}: no such config key ({key!r} is unknown)")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = _CONFIG.value
+    logging.getLogger().setLevel(logging.INFO)
+    # Multi-host: initialise before anything touches a device.
+    from w2s_jax import parallel
+    parallel.init_distributed(cfg.distributed)
+    from w2s_jax import pipeline, report
+    from w2s_jax.train import Preempted
+
+    workdir = _WORKDIR.value or default_workdir(cfg)
+    try:
+        pipeline.validate_config(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    try:
+        results = pipeline.Experiment(cfg, workdir).run()
+    except Preempted as e:
+        sys.exit(f"stopped: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; rerun the same command to resume from the last checkpoint")
+    import jax
+    if jax.process_index() == 0:
+        report.print_table(results)
+        print(f"\nresults: {os.path.join(workdir, 'results.json')}, {os.path.join(workdir, 'results.md')}, "
+              f"plots in {os.path.join(workdir, 'plots')}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

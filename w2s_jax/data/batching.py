@@ -1,0 +1,165 @@
+"""Turn Examples into padded numpy batches for the three scorings (see docs/CONTRACTS.md).
+
+Examples are tokenized once (`encode_examples`); batches are padded to bucketed lengths so that jit compiles a
+handful of shapes, not one per batch. Everything here is host-side numpy.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+
+SCORINGS = ("classify", "choice_lm", "reward")
+
+
+def bucket(n: int, multiple: int = 32) -> int:
+    """Round a length up to a multiple (small shapes) or a power of two (large ones), to bound recompiles."""
+    if n <= 8 * multiple:
+        return max(multiple, int(math.ceil(n / multiple)) * multiple)
+    return 1 << int(math.ceil(math.log2(n)))
+
+
+def _ids(tokenizer, text: str, add_bos: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def encode_examples(examples: Sequence[dict], tokenizer, scoring: str, max_len: int, add_bos: bool = True):
+    """Tokenize examples; drop (never truncate) those whose model input would exceed max_len tokens.
+
+    Returns (encoded, dropped_ids). Each encoded item keeps the example's index in `src`.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"task.scoring={scoring!r}: expected one of {SCORINGS}")
+    encoded, dropped = [], []
+    for i, ex in enumerate(examples):
+        prompt = _ids(tokenizer, ex["prompt"], add_bos)
+        cands = [_ids(tokenizer, c, False) for c in ex["candidates"]]
+        if scoring == "classify":
+            length = len(prompt)
+        elif scoring == "reward":
+            length = len(prompt) + max(len(c) for c in cands)
+        else:
+            if any(len(c) == 0 for c in cands):
+                raise ValueError(f"example {ex['id']!r}: a candidate tokenizes to nothing: {ex['candidates']}")
+            length = len(prompt) + sum(len(c) for c in cands)
+        if length > max_len:
+            dropped.append(ex["id"])
+            continue
+        encoded.append({"src": i, "prompt": prompt, "cands": cands, "length": length})
+    if dropped:
+        logging.info("dropped %d of %d examples longer than max_len=%d tokens", len(dropped), len(examples), max_len)
+    return encoded, dropped
+
+
+def collate(items: Sequence[dict], scoring: str, targets: np.ndarray | None = None, batch_size: int | None = None,
+            num_candidates: int | None = None, seq_len: int | None = None, num_scored: int | None = None) -> dict:
+    """Pad encoded items into one batch dict of numpy arrays.
+
+    Rows beyond len(items) (to fill `batch_size`) have `example_mask` 0. `targets` are [len(items), K] probabilities.
+    Shapes default to bucketed maxima of the items.
+    """
+    n = len(items)
+    b = batch_size or n
+    k = num_candidates or candidate_count(items, scoring)
+    out = {"cand_mask": np.zeros((b, k), bool), "targets": np.zeros((b, k), np.float32),
+           "example_mask": np.zeros((b,), bool)}
+    out["example_mask"][:n] = True
+    for r, it in enumerate(items):
+        out["cand_mask"][r, :len(it["cands"])] = True
+    if targets is not None:
+        out["targets"][:n, :targets.shape[1]] = targets[:, :k]
+
+    if scoring == "classify":
+        l = seq_len or bucket(max(it["length"] for it in items))
+        ids, mask, last = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32), np.zeros((b,), np.int32)
+        for r, it in enumerate(items):
+            ids[r, :len(it["prompt"])] = it["prompt"]
+            mask[r, :len(it["prompt"])] = 1
+            last[r] = len(it["prompt"]) - 1
+        out.update(input_ids=ids, attention_mask=mask, last_index=last)
+    elif scoring == "reward":
+        l = seq_len or bucket(max(it["length"] for it in items))
+        ids, mask = np.zeros((b, k, l), np.int32), np.zeros((b, k, l), np.int32)
+        last = np.zeros((b, k), np.int32)
+        for r, it in enumerate(items):
+            for c, cand in enumerate(it["cands"]):
+                seq = it["prompt"] + cand
+                ids[r, c, :len(seq)] = seq
+                mask[r, c, :len(seq)] = 1
+                last[r, c] = len(seq) - 1
+        out.update(input_ids=ids, attention_mask=mask, last_index=last)
+    else:  # choice_lm: the prompt once, then every candidate packed after it (own segment, positions restart)
+        l = seq_len or bucket(max(it["length"] for it in items))
+        t = num_scored or bucket(max(sum(len(c) for c in it["cands"]) for it in items), 16)
+        ids, mask = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32)
+        pos, seg = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32)
+        src, tok = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+        cand = np.full((b, t), -1, np.int32)
+        for r, it in enumerate(items):
+            p = len(it["prompt"])
+            ids[r, :p], mask[r, :p], pos[r, :p] = it["prompt"], 1, np.arange(p)
+            at, j = p, 0
+            for c, cids in enumerate(it["cands"]):
+                m = len(cids)
+                ids[r, at:at + m], mask[r, at:at + m] = cids, 1
+                pos[r, at:at + m], seg[r, at:at + m] = np.arange(p, p + m), c + 1
+                # token q of candidate c is predicted by the logits at the previous token of its own sequence
+                src[r, j:j + m] = [p - 1] + list(range(at, at + m - 1))
+                tok[r, j:j + m], cand[r, j:j + m] = cids, c
+                at, j = at + m, j + m
+        out.update(input_ids=ids, attention_mask=mask, positions=pos, segment_ids=seg,
+                   score_src=src, score_tok=tok, score_cand=cand)
+    return out
+
+
+def prediction_batches(encoded: Sequence[dict], batch_size: int):
+    """Yield (positions in `encoded`, items) in length order, so that each batch pads little."""
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i]["length"])
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, [encoded[i] for i in idx]
+
+
+def candidate_count(items: Sequence[dict], scoring: str) -> int:
+    """K for a batch: the classes / responses exactly, or the legal moves bucketed to a multiple of 8."""
+    k = max(len(it["cands"]) for it in items)
+    return bucket(k, 8) if scoring == "choice_lm" else k
+
+
+def max_shapes(encoded: Sequence[dict], scoring: str) -> tuple[int, int, int]:
+    """(candidates, sequence length, scored tokens), bucketed, that fit every item: one compile for a training run."""
+    k = candidate_count(encoded, scoring)
+    l = bucket(max(e["length"] for e in encoded))
+    t = bucket(max(sum(len(c) for c in e["cands"]) for e in encoded), 16)
+    return k, l, t
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epochs: float | None = None,
+                steps: int | None = None) -> np.ndarray:
+    """Example indices for every full training batch: a fresh permutation per epoch, [steps, batch_size].
+
+    Give `epochs` (steps = n * epochs // batch_size, as the reference) or `steps`. The order depends only on the
+    arguments, so a resumed run sees exactly the same batches.
+    """
+    if n < batch_size:
+        raise ValueError(f"only {n} training examples for batch_size={batch_size}")
+    if steps is None:
+        steps = int(n * epochs) // batch_size
+    epochs = steps * batch_size / n
+    rng = np.random.default_rng(seed)
+    stream = np.concatenate([rng.permutation(n) for _ in range(int(math.ceil(epochs)) + 1)])
+    return stream[:steps * batch_size].reshape(steps, batch_size)
+
+
+def lm_blocks(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> np.ndarray:
+    """Concatenate documents (each followed by eos) and cut them into [n, seq_len + 1] blocks for LM training."""
+    flat = np.fromiter((t for ids in token_lists for t in (*ids, eos_id)), dtype=np.int32)
+    n = len(flat) // (seq_len + 1)
+    if n == 0:
+        raise ValueError(f"corpus of {len(flat)} tokens is shorter than one block of {seq_len + 1}")
+    return flat[:n * (seq_len + 1)].reshape(n, seq_len + 1)

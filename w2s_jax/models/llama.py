@@ -1,0 +1,268 @@
+"""A Flax Linen LLaMA (1/2/3) with logical-axis sharding annotations.
+
+The parameter layout follows Hugging Face's `LlamaForCausalLM` (kernels are `weight.T`, q/k in the rotate_half
+layout), so checkpoints convert without permutation (see `convert.py`). Every parameter and the main activations
+carry logical axis names; `w2s_jax.parallel` maps them onto the ('data', 'fsdp', 'tensor') mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    def replace(self, **kwargs) -> "LlamaConfig":
+        return dataclasses.replace(self, **kwargs)
+
+    @property
+    def num_params(self) -> int:
+        """Total parameter count (embeddings and LM head included)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.num_hidden_layers * per_layer + self.vocab_size * h + head + h
+
+    @property
+    def num_non_embedding_params(self) -> int:
+        """Parameters outside the embedding and LM head (the `N` of the 6N FLOPs-per-token rule)."""
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.num_params - self.vocab_size * self.hidden_size - head
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jnp.ndarray:
+    """Inverse RoPE frequencies, with linear or LLaMA-3.1 scaling applied as Hugging Face does."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        old_len = cfg.rope_original_max_position
+        low_wavelen = old_len / cfg.rope_low_freq_factor
+        high_wavelen = old_len / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, L, heads, D]; cos/sin: [B, L, D] in float32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotate_half(x.astype(jnp.float32)) * sin).astype(x.dtype)
+
+
+def attention_bias(attention_mask, segment_ids, length):
+    """Additive bias [B, 1, L, L]: causal, no padded keys, and candidates only see the prompt and themselves.
+
+    segment_ids (optional) packs several continuations after one prompt: segment 0 is the shared prompt, a token of
+    segment s > 0 sees the prompt and the earlier tokens of segment s. Fully masked rows (left padding) stay finite.
+    """
+    idx = jnp.arange(length)
+    allowed = (idx[None, :] <= idx[:, None])[None]  # [1, L, L]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :].astype(bool)
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = allowed & (same | (segment_ids[:, None, :] == 0))
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
+
+
+def _dense(features, names, cfg, name):
+    return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, bias, cos, sin):
+        cfg = self.cfg
+        b, l, _ = x.shape
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = _dense(h * d, ("embed", "heads"), cfg, "q_proj")(x).reshape(b, l, h, d)
+        k = _dense(kv * d, ("embed", "kv_heads"), cfg, "k_proj")(x).reshape(b, l, kv, d)
+        v = _dense(kv * d, ("embed", "kv_heads"), cfg, "v_proj")(x).reshape(b, l, kv, d)
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
+        v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
+        # Grouped-query attention without repeating k/v: query heads are grouped per kv head.
+        q = q.reshape(b, l, kv, h // kv, d)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(d)
+        scores = scores + bias[:, :, None]  # [B, 1, 1, L, L]
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, l, h * d)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
+        return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
+        act = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(act)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm transformer block. Returns (h, h) so it can be scanned with per-layer outputs."""
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, bias, cos, sin):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        x = x + Attention(cfg, name="self_attn")(norm("input_layernorm")(x), bias, cos, sin)
+        x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, x
+
+
+def _remat(layer_cls, cfg: LlamaConfig):
+    if cfg.remat_policy == "none":
+        return layer_cls
+    policy = {"full": None,
+              "dots": jax.checkpoint_policies.checkpoint_dots,
+              "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[cfg.remat_policy]
+    return nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA decoder with an LM head.
+
+    `__call__` returns logits [B, L, vocab] in float32, plus the hidden states of every layer when asked
+    (`(embeddings, layer_1, ..., layer_{N-1}, norm(layer_N))`, Hugging Face's convention).
+    `features` returns only the final normed hidden states, for heads that do not need the vocabulary projection.
+    """
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        layer = _remat(DecoderLayer, cfg)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")
+
+    def _trunk(self, input_ids, attention_mask, positions, segment_ids, keep_all):
+        cfg = self.config
+        b, l = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+        freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        bias = attention_bias(attention_mask, segment_ids, l)
+        x = self.embed_tokens(input_ids.astype(jnp.int32))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        hidden = [x]
+        if cfg.scan_layers:
+            x, per_layer = self.layers(x, bias, cos, sin)  # per_layer: [layers, B, L, hidden]
+            if keep_all:
+                hidden += [per_layer[i] for i in range(cfg.num_hidden_layers - 1)]
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, bias, cos, sin)
+                hidden.append(x)
+            hidden = hidden[:-1]
+        x = self.norm(x)
+        return x, (tuple(hidden) + (x,) if keep_all else None)
+
+    def features(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """Final normed hidden states [B, L, hidden] (no LM head)."""
+        return self._trunk(input_ids, attention_mask, positions, segment_ids, keep_all=False)[0]
+
+    def logits_from_features(self, x):
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 output_hidden_states: bool = False):
+        x, all_hidden = self._trunk(input_ids, attention_mask, positions, segment_ids, output_hidden_states)
+        logits = self.logits_from_features(x)
+        if output_hidden_states:
+            return logits, all_hidden
+        return logits

@@ -1,0 +1,333 @@
+"""Training: optimizer, sharded jit train steps, and a resumable, preemption-safe training loop.
+
+One loop (`run_loop`) serves every kind of training (LM pretraining, ground truth, weak-to-strong students); what
+differs is the step function. The loop checkpoints with orbax, resumes from the last checkpoint with exactly the
+same batches (the data order is a pure function of the step), and turns SIGTERM / Ctrl-C into "save, then stop".
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from w2s_jax import losses as losses_lib
+from w2s_jax import parallel
+from w2s_jax.models import heads
+from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written because the process was asked to stop (SIGTERM, Ctrl-C)."""
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------------ parallel context
+@dataclasses.dataclass
+class Runtime:
+    """The mesh and logical-axis rules every jitted function of a run is traced under."""
+    mesh: jax.sharding.Mesh
+    rules: tuple
+
+    @contextlib.contextmanager
+    def tracing(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return parallel.batch_sharding(self.mesh, self.rules)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def put_batch(self, batch: dict) -> dict:
+        """Host batch (the full global batch, identical on every process) -> global arrays sharded on the batch dim.
+
+        Each process hands over only the rows its devices hold (`make_array_from_process_local_data`).
+        """
+        sharding = self.batch_sharding
+        if jax.process_count() == 1:
+            return jax.device_put(batch, sharding)
+
+        def one(x):
+            idx = sharding.addressable_devices_indices_map(x.shape)
+            rows = sorted({(s[0].start or 0, s[0].stop or x.shape[0]) for s in idx.values()})
+            lo, hi = rows[0][0], rows[-1][1]
+            return jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape)
+        return jax.tree.map(one, batch)
+
+
+def make_runtime(mesh_cfg=None, rules=None) -> Runtime:
+    return Runtime(parallel.make_mesh(mesh_cfg), parallel.resolve_rules(rules))
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+def make_optimizer(tcfg, total_steps: int, lr: float) -> optax.GradientTransformation:
+    """Adam/AdamW with a cosine (to 0, the reference's default) or constant schedule and optional linear warm-up."""
+    warmup = int(tcfg.get("warmup_steps", 0))
+    if tcfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
+    elif tcfg.schedule == "constant":
+        decay = optax.constant_schedule(lr)
+    else:
+        raise ValueError(f"train.schedule={tcfg.schedule!r}: expected 'cosine' or 'constant'")
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) if warmup else decay
+    if tcfg.optimizer == "adam":
+        opt = optax.adam(schedule)
+    elif tcfg.optimizer == "adamw":
+        opt = optax.adamw(schedule, weight_decay=float(tcfg.get("weight_decay", 0.0)))
+    else:
+        raise ValueError(f"train.optimizer={tcfg.optimizer!r}: expected 'adam' or 'adamw'")
+    clip = float(tcfg.get("grad_clip", 0.0))
+    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+
+
+# ------------------------------------------------------------------------------------------------ state + shardings
+def abstract_lm_params(cfg: LlamaConfig):
+    """Boxed ShapeDtypeStructs of the LLaMA params (logical names attached), without allocating anything."""
+    return parallel.abstract_params(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32))
+
+
+def state_shardings(cfg: LlamaConfig, head_params, tx, runtime: Runtime):
+    """(abstract unboxed TrainState, its NamedSharding tree) for params {'lm', 'head'} and the optimizer state."""
+    boxed = {"lm": abstract_lm_params(cfg)}
+    if head_params is not None:
+        boxed["head"] = {"kernel": nn.Partitioned(jax.ShapeDtypeStruct(head_params["kernel"].shape,
+                                                                       head_params["kernel"].dtype),
+                                                  names=heads.HEAD_LOGICAL_AXES["kernel"])}
+    boxed_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed,
+                             opt_state=jax.eval_shape(tx.init, boxed))
+    abstract = nn.meta.unbox(boxed_state)
+    shardings = parallel.logical_to_mesh_sharding(nn.get_partition_spec(boxed_state), runtime.mesh, runtime.rules,
+                                                  shapes=abstract)
+    return abstract, shardings
+
+
+def create_state(params, tx, shardings) -> TrainState:
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def _apply_grads(state: TrainState, tx, grads) -> TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+def _split_micro(batch, n: int):
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+# ------------------------------------------------------------------------------------------------ step functions
+def make_choice_step(cfg: LlamaConfig, scoring: str, loss: losses_lib.Loss, tx, total_steps: int,
+                     microbatches: int = 1):
+    """Train step for candidate scoring with a (possibly self-referential) loss over the FULL batch.
+
+    Every loss here is cross-entropy against stop-gradient targets built from the whole batch (see losses.py), so
+    with microbatches the step first computes all logits (no gradient), builds the targets once from the full batch,
+    then accumulates the gradients of each microbatch's share of the same weighted loss.
+    """
+
+    def step_fn(state: TrainState, batch):
+        step_frac = state.step.astype(jnp.float32) / total_steps
+        mask = batch["cand_mask"]
+        score = lambda p, b: heads.candidate_logits(cfg, p, b, scoring)
+        if microbatches == 1:
+            def loss_fn(p):
+                logits = score(p, batch)
+                tgt, w = loss.make_targets(jax.lax.stop_gradient(logits), batch["targets"], step_frac, mask)
+                return losses_lib.weighted_xent(logits, tgt, w, mask), logits
+            (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        else:
+            micro = _split_micro(batch, microbatches)
+            logits = jax.lax.map(lambda b: score(state.params, b), micro).reshape(mask.shape)
+            tgt, w = loss.make_targets(logits, batch["targets"], step_frac, mask)
+            tgt, w = jax.lax.stop_gradient((tgt, w))
+            denom = jnp.maximum(w.sum(), 1e-12)
+            parts = _split_micro({"b": batch, "t": tgt, "w": w}, microbatches)
+
+            def accumulate(g_sum, part):
+                def mb_loss(p):
+                    l = losses_lib.weighted_xent(score(p, part["b"]), part["t"], part["w"], part["b"]["cand_mask"])
+                    return l * part["w"].sum() / denom
+                v, g = jax.value_and_grad(mb_loss)(state.params)
+                return jax.tree.map(jnp.add, g_sum, g), v
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, values = jax.lax.scan(accumulate, zeros, parts)
+            value = values.sum()
+        acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1))
+        metrics = {"loss": value, "train_accuracy": acc, "grad_norm": optax.global_norm(grads)}
+        return _apply_grads(state, tx, grads), metrics
+
+    return step_fn
+
+
+def make_lm_step(cfg: LlamaConfig, tx, microbatches: int = 1):
+    """Next-token training step on [B, L+1] token blocks; params are {'lm': ...}. Microbatches average gradients."""
+
+    def step_fn(state: TrainState, batch):
+        loss_fn = lambda p, blocks: heads.lm_loss(cfg, p["lm"], blocks)
+        if microbatches == 1:
+            value, grads = jax.value_and_grad(loss_fn)(state.params, batch["blocks"])
+        else:
+            def accumulate(g_sum, blocks):
+                v, g = jax.value_and_grad(loss_fn)(state.params, blocks)
+                return jax.tree.map(jnp.add, g_sum, g), v
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, values = jax.lax.scan(accumulate, zeros, _split_micro(batch["blocks"], microbatches))
+            grads = jax.tree.map(lambda g: g / microbatches, grads)
+            value = values.mean()
+        return _apply_grads(state, tx, grads), {"loss": value, "grad_norm": optax.global_norm(grads)}
+
+    return step_fn
+
+
+def jit_step(step_fn, shardings, runtime: Runtime):
+    """The train step as one jit with explicit in/out shardings and the state donated."""
+    jitted = jax.jit(step_fn, in_shardings=(shardings, runtime.batch_sharding),
+                     out_shardings=(shardings, runtime.replicated), donate_argnums=0)
+
+    def run(state, batch):
+        with runtime.tracing():
+            return jitted(state, batch)
+    return run
+
+
+def make_predict_fn(cfg: LlamaConfig, scoring: str, runtime: Runtime, param_shardings):
+    """Jitted candidate logits for a host batch; returns a numpy [B, K] array on every process."""
+    jitted = jax.jit(lambda p, b: heads.candidate_logits(cfg, p, b, scoring),
+                     in_shardings=(param_shardings, runtime.batch_sharding), out_shardings=runtime.replicated)
+
+    def run(params, host_batch):
+        with runtime.tracing():
+            return np.asarray(jitted(params, runtime.put_batch(host_batch)))
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@contextlib.contextmanager
+def stop_requests():
+    """Turn SIGTERM (a TPU preemption) and SIGINT (Ctrl-C) into a flag checked between steps."""
+    flag = {"stop": None}
+    previous = {}
+
+    def handler(signum, frame):
+        flag["stop"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def checkpoint_manager(directory: str, max_to_keep: int = 1) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _save(mngr, step: int, state, loop: dict):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
+              force=True)
+    mngr.wait_until_finished()
+
+
+def restore_latest(mngr, abstract_state, shardings):
+    """(state, loop dict) from the newest complete checkpoint, or (None, None). Restores onto the given shardings,
+    so a checkpoint written on another mesh shape loads on this one."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, shardings)
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                              loop=ocp.args.JsonRestore()))
+        except Exception as e:  # a partial checkpoint (killed during a save): use the previous good step
+            logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
+                            step, mngr.directory, e)
+            continue
+        return out.state, out.loop
+    return None, None
+
+
+def run_loop(*, state, abstract_state, shardings, step_fn: Callable, get_batch: Callable[[int], dict],
+             num_steps: int, ckpt_dir: str, runtime: Runtime, checkpoint_every: int = 0,
+             eval_fn: Optional[Callable] = None, eval_every: int = 0, writer=None, desc: str = "train"):
+    """Run `num_steps` steps with checkpoints, resume and early stopping; returns (state, loop info).
+
+    `get_batch(step)` gives the host batch for a step; `eval_fn(state) -> float` (higher is better) enables early
+    stopping: the parameters of the best evaluation are restored at the end. A stop request saves and raises
+    `Preempted`; a later call with the same arguments resumes from that step and ends identically.
+    """
+    mngr = checkpoint_manager(os.path.join(ckpt_dir, "latest"))
+    best_mngr = checkpoint_manager(os.path.join(ckpt_dir, "best")) if eval_fn else None
+    loop = {"step": 0, "best_score": None, "best_step": None, "evals": []}
+    restored, restored_loop = restore_latest(mngr, abstract_state, shardings)
+    if restored is not None:
+        state, loop = restored, restored_loop
+        logging.info("%s: resumed at step %d from %s", desc, loop["step"], mngr.directory)
+    if writer is not None:
+        writer.truncate_after(loop["step"])
+
+    def evaluate(step):
+        score = float(eval_fn(state))
+        loop["evals"].append([step, score])
+        if writer is not None:
+            writer.write(step, {"val_score": score})
+        if loop["best_score"] is None or score > loop["best_score"]:
+            loop["best_score"], loop["best_step"] = score, step
+            _save(best_mngr, step, state, dict(loop))
+
+    start = int(loop["step"])
+    with stop_requests() as stop, tqdm(total=num_steps, initial=start, desc=desc, leave=False,
+                                       disable=jax.process_index() != 0) as bar:
+        if eval_fn and start == 0 and not loop["evals"]:
+            evaluate(0)
+        for step in range(start, num_steps):
+            state, metrics = step_fn(state, runtime.put_batch(get_batch(step)))
+            done = step + 1
+            loop["step"] = done
+            if writer is not None:
+                writer.write(done, {k: float(v) for k, v in metrics.items()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            if eval_fn and eval_every and (done % eval_every == 0 or done == num_steps):
+                evaluate(done)
+            if (checkpoint_every and done % checkpoint_every == 0) or done == num_steps:
+                _save(mngr, done, state, loop)
+            if stop["stop"]:
+                _save(mngr, done, state, loop)
+                raise Preempted(f"{desc}: {stop['stop']} received; checkpoint saved at step {done} in "
+                                f"{mngr.directory}. Run the same command again to resume.")
+        if num_steps == 0 or start == num_steps and mngr.latest_step() is None:
+            _save(mngr, num_steps, state, loop)
+    if eval_fn and loop["best_step"] is not None and loop["best_step"] != num_steps:
+        best, _ = restore_latest(best_mngr, abstract_state, shardings)
+        state = state.replace(params=best.params)
+    return state, loop
