@@ -40,7 +40,9 @@ def get_base_config():
         early_stopping="none",  # "none" | "weak_labels" (realistic) | "ground_truth_oracle" (the paper's oracle)
         val_frac=0.1, eval_every=50, checkpoint_every=50))
 
-    c.eval = ml_collections.ConfigDict(dict(batch_size=64))
+    # Test predictions of `choice_lm` tasks: "rank" (the best-scoring candidate; always legal) or "greedy" (decode
+    # the continuation and match it against the candidates). Supervisors' labels always come from the ranking.
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64, mode="rank", max_new_tokens=8))
 
     c.experiment = ml_collections.ConfigDict(dict(
         ground_truth="",  # models trained on ground truth (empty: all); supervisors and students are added

@@ -76,6 +76,8 @@ def validate_config(cfg) -> None:
                 problems.append(f"models.{name}.preset={m.preset!r}: valid presets are {list(presets.PRESETS)}")
         else:
             problems.append(f"models.{name}.source={m.source!r}: expected 'pretrain' or 'hf'")
+    if cfg.eval.mode not in ("rank", "greedy"):
+        problems.append(f"eval.mode={cfg.eval.mode!r}: expected 'rank' or 'greedy'")
     if exp.labels not in ("soft", "hard"):
         problems.append(f"experiment.labels={exp.labels!r}: expected 'soft' or 'hard'")
     if cfg.train.early_stopping not in ("none", "weak_labels", "ground_truth_oracle"):
@@ -304,12 +306,15 @@ class Experiment:
         result = {"run": run, "model": model, "steps": steps, "lr": lr, "loss": loss_name,
                   "early_stopping": tcfg.early_stopping if eval_fn else "none", "best_step": loop["best_step"],
                   "labels": {}}
-        test_logits = self._logits(predict, state.params, self.enc["test"])
-        preds = [int(np.argmax(l)) for l in test_logits]
+        preds, texts = self.test_predictions(lcfg, predict, state, shardings)
         result["accuracy"] = metrics.accuracy(preds, accepts(self.test))
         result["test_predictions"] = preds
+        result["eval_mode"] = self.cfg.eval.mode if self.scoring == "choice_lm" else "argmax"
         rows = [{"id": ex["id"], "label": ex["label"], "prediction": p, "accept": ex.get("accept", [ex["label"]]),
                  "correct": p in ex.get("accept", [ex["label"]])} for ex, p in zip(self.test, preds)]
+        if texts is not None:
+            for row, text in zip(rows, texts):
+                row["generated"] = text
         if self.is_main:
             metrics.write_predictions(self.path("predictions", f"{run}.jsonl"), rows)
         for label_name, split in label_sets.items():
@@ -324,6 +329,19 @@ class Experiment:
             result["labels"][label_name] = path
         self._write_json(done_file, result)
         return result
+
+    def test_predictions(self, lcfg, predict, state, shardings):
+        """Predicted candidate index per test example: the best-scoring candidate, or for `eval.mode='greedy'` the
+        greedily generated continuation (-1, i.e. wrong, when it is not a legal candidate). Returns (preds, texts)."""
+        if self.scoring == "choice_lm" and self.cfg.eval.mode == "greedy":
+            from w2s_jax import generate
+            fn = generate.make_greedy_fn(lcfg, self.runtime, shardings.params["lm"], self.cfg.eval.max_new_tokens)
+            return generate.greedy_predictions(
+                lambda p, i, m: fn(p["lm"], i, m), state.params, self.tokenizer,
+                [e["prompt"] for e in self.enc["test"]], [ex["candidates"] for ex in self.test],
+                self.cfg.eval.batch_size)
+        logits = self._logits(predict, state.params, self.enc["test"])
+        return [int(np.argmax(l)) for l in logits], None
 
     def _logits(self, predict, params, enc) -> list[np.ndarray]:
         """Candidate logits for every encoded example (length-bucketed batches), in the original order."""

@@ -77,8 +77,8 @@ class Runtime:
         return jax.tree.map(one, batch)
 
 
-def make_runtime(mesh_cfg=None, rules=None) -> Runtime:
-    return Runtime(parallel.make_mesh(mesh_cfg), parallel.resolve_rules(rules))
+def make_runtime(mesh_cfg=None, rules=None, devices=None) -> Runtime:
+    return Runtime(parallel.make_mesh(mesh_cfg, devices), parallel.resolve_rules(rules))
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -124,7 +124,7 @@ def state_shardings(cfg: LlamaConfig, head_params, tx, runtime: Runtime):
 
 
 def create_state(params, tx, shardings) -> TrainState:
-    params = jax.device_put(params, shardings.params)
+    params = jax.device_put(params, shardings.params, may_alias=False)  # the step donates the state
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_state)
@@ -178,7 +178,7 @@ def make_choice_step(cfg: LlamaConfig, scoring: str, loss: losses_lib.Loss, tx, 
             grads, values = jax.lax.scan(accumulate, zeros, parts)
             value = values.sum()
         acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1))
-        metrics = {"loss": value, "train_accuracy": acc, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": value, "train_accuracy": acc, "grad_norm": optax.tree.norm(grads)}
         return _apply_grads(state, tx, grads), metrics
 
     return step_fn
@@ -199,7 +199,7 @@ def make_lm_step(cfg: LlamaConfig, tx, microbatches: int = 1):
             grads, values = jax.lax.scan(accumulate, zeros, _split_micro(batch["blocks"], microbatches))
             grads = jax.tree.map(lambda g: g / microbatches, grads)
             value = values.mean()
-        return _apply_grads(state, tx, grads), {"loss": value, "grad_norm": optax.global_norm(grads)}
+        return _apply_grads(state, tx, grads), {"loss": value, "grad_norm": optax.tree.norm(grads)}
 
     return step_fn
 
@@ -285,7 +285,7 @@ def run_loop(*, state, abstract_state, shardings, step_fn: Callable, get_batch: 
     stopping: the parameters of the best evaluation are restored at the end. A stop request saves and raises
     `Preempted`; a later call with the same arguments resumes from that step and ends identically.
     """
-    mngr = checkpoint_manager(os.path.join(ckpt_dir, "latest"))
+    mngr = checkpoint_manager(os.path.join(ckpt_dir, "latest"), max_to_keep=2)
     best_mngr = checkpoint_manager(os.path.join(ckpt_dir, "best")) if eval_fn else None
     loop = {"step": 0, "best_score": None, "best_step": None, "evals": []}
     restored, restored_loop = restore_latest(mngr, abstract_state, shardings)

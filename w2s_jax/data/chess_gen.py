@@ -55,38 +55,40 @@ def default_generator_config():
     cfg.seed = 0
     cfg.workers = 2
     cfg.n_train = 4000
-    cfg.n_test = 600
-    cfg.corpus_games = 3000
+    cfg.n_test = 500
+    cfg.corpus_games = 2000
     cfg.modes = ("only_move", "mate", "lichess")
     # at most this share of the puzzles from each mode (lichess is rare: uncapped)
-    cfg.mode_caps = ml_collections.ConfigDict({"only_move": 0.6, "mate": 0.4, "lichess": 1.0})
-    cfg.max_puzzles_per_game = 3
-    cfg.min_puzzle_spacing = 4  # plies between two puzzles of one game
+    cfg.mode_caps = ml_collections.ConfigDict({"only_move": 0.7, "mate": 0.4, "lichess": 1.0})
+    cfg.max_puzzles_per_game = 4
+    cfg.min_puzzle_spacing = 3  # plies between two puzzles of one game
     cfg.round_games = 32  # games per scheduling round (the mix depends on it, the worker count does not)
     cfg.max_puzzle_games = 20_000
     cfg.compress_over_bytes = 1_000_000  # gzip output files bigger than this
     # --- play
     cfg.book_plies_min = 4
     cfg.book_plies_max = 14
-    cfg.play_depths = (2, 3, 4, 5)
-    cfg.play_multipv = 4
+    cfg.play_depth = 4
+    cfg.opening_temperature_cp = 60  # out of book / no book before the book length
+    cfg.play_multipv = 3
     cfg.temperatures_cp = (10, 25, 50, 100)
-    cfg.blunder_rates = (0.02, 0.05, 0.1)
+    cfg.blunder_rates = (0.03, 0.06, 0.12)  # per move, after the book
     cfg.horizons = (1, 2, 3)
-    cfg.blunder_candidates = 6
+    cfg.blunder_candidates = 8  # the top moves at the horizon that a blunder is drawn from
     cfg.blunder_lookahead = 5  # plies beyond the horizon that expose the blunder
-    cfg.plausible_margin_cp = 150
-    cfg.blunder_drop_cp = 200
+    cfg.plausible_margin_cp = 400
+    cfg.blunder_drop_cp = 300
     cfg.max_plies = 200
     # --- detection
     cfg.min_puzzle_ply = 10
-    cfg.scan_nodes = 2500
-    cfg.scan_gap = 0.3
-    cfg.verify_nodes = 60_000
-    cfg.mate_rating_depth = 8
+    cfg.scan_gap = 0.1  # win-chance gap in the play search that makes a position an only-move candidate
+    cfg.filter_nodes = 2_000
+    cfg.filter_gap = 0.3
+    cfg.verify_nodes = 20_000
+    cfg.mate_rating_depth = 6
     cfg.only_move_gap = 0.5
     cfg.lichess_gap = 0.7
-    cfg.lichess_allow_one_move = False
+    cfg.lichess_allow_one_move = True  # lichess v49 drops one-move puzzles (the lichess DB still has many)
     cfg.max_solution_moves = 4
     cfg.mate_max_n = 2
     cfg.min_defender_material = 4
@@ -174,8 +176,11 @@ class Analysis:
 
 
 def _parse_info(tokens):
-    """(depth, multipv, score, first pv move) of a UCI info line with an exact score, else None."""
-    if "pv" not in tokens or "score" not in tokens or "lowerbound" in tokens or "upperbound" in tokens:
+    """(depth, multipv, score, first pv move) of a UCI info line with a score and a PV, else None.
+
+    A bound (`lowerbound`/`upperbound`, printed for a line whose re-search the node limit cut short) is taken
+    as the score, as python-chess does."""
+    if "pv" not in tokens or "score" not in tokens:
         return None
     at = tokens.index("score")
     value = int(tokens[at + 2])
@@ -235,19 +240,18 @@ class UciEngine:
         self._send(f"position {start} moves {' '.join(moves)}" if moves else f"position {start}")
         limit = f"nodes {nodes}" if nodes else f"depth {depth}"
         self._send(f"go {limit}" + (f" searchmoves {' '.join(searchmoves)}" if searchmoves else ""))
-        ranked, best_by_depth = {}, {}
+        block, best_by_depth = [], {}
         for line in self._read_until("bestmove"):
-            if not line.startswith("info"):
-                continue
-            parsed = _parse_info(line.split())
+            parsed = _parse_info(line.split()) if line.startswith("info") else None
             if parsed is None:
                 continue
             line_depth, rank, score, move = parsed
-            ranked[rank] = (move, score)
-            if rank == 1:
+            if rank == 1:  # Stockfish prints the lines rank by rank: a new block starts
+                block = []
                 best_by_depth[line_depth] = move
-        lines = [ranked[k] for k in sorted(ranked)]
-        return Analysis(lines, [best_by_depth[d] for d in sorted(best_by_depth)])
+            if all(move != m for m, _ in block):
+                block.append((move, score))
+        return Analysis(block, [best_by_depth[d] for d in sorted(best_by_depth)])
 
     def close(self):
         if self.proc.poll() is None:
@@ -351,9 +355,9 @@ def material(board, color):
 
 
 def _player_profiles(rng, cfg):
-    """Per-colour strength: search depth, sampling temperature, blunder rate, blunder horizon."""
-    return {color: {"depth": rng.choice(cfg.play_depths), "temperature": rng.choice(cfg.temperatures_cp),
-                    "blunder_rate": rng.choice(cfg.blunder_rates), "horizon": rng.choice(cfg.horizons)}
+    """Per-colour style: sampling temperature, blunder rate and blunder horizon."""
+    return {color: {"temperature": rng.choice(cfg.temperatures_cp), "blunder_rate": rng.choice(cfg.blunder_rates),
+                    "horizon": rng.choice(cfg.horizons)}
             for color in (chess.WHITE, chess.BLACK)}
 
 
@@ -365,9 +369,9 @@ def _sample_softmax(lines, temperature, rng):
     return rng.choices([m for m, _ in lines], weights=weights)[0]
 
 
-def _plausible_blunder(engine, moves, profile, cfg):
+def _plausible_blunder(engine, moves, profile, rng, cfg):
     """A move that looks within `plausible_margin_cp` of the best at the player's horizon but loses at least
-    `blunder_drop_cp` a few plies deeper; None when there is no such move."""
+    `blunder_drop_cp` a few plies deeper, with the deeper scores (best, blunder); None when there is none."""
     shallow = engine.analyse(moves, depth=profile["horizon"], multipv=cfg.blunder_candidates)
     if len(shallow.lines) < 2:
         return None
@@ -376,13 +380,11 @@ def _plausible_blunder(engine, moves, profile, cfg):
         return None
     deep = engine.analyse(moves, depth=profile["horizon"] + cfg.blunder_lookahead, multipv=len(plausible) + 1,
                           searchmoves=[shallow.best] + plausible)
-    losing = [m for m, s in deep.lines if m in plausible and s <= deep.score - cfg.blunder_drop_cp]
-    return losing[0] if losing else None
-
-
-def _engine_move(engine, moves, profile, rng, cfg, temperature=None):
-    analysis = engine.analyse(moves, depth=profile["depth"], multipv=cfg.play_multipv)
-    return _sample_softmax(analysis.lines, temperature or profile["temperature"], rng)
+    losing = [(m, s) for m, s in deep.lines if m in plausible and s <= deep.score - cfg.blunder_drop_cp]
+    if not losing:
+        return None
+    move, score = rng.choice(losing)
+    return move, deep.score, score
 
 
 def heuristic_move(board, rng):
@@ -416,29 +418,40 @@ def _book_move(book, board, rng):
         return None
 
 
-def play_game(engine, book, rng, cfg):
-    """One game from the standard position as a list of UCI moves."""
+def play_game(engine, book, rng, cfg, analyse_book_plies=False):
+    """One game from the standard position.
+
+    Returns {"moves": UCI list, "analyses": {ply: the play search}, "evals": {ply: score for the side to move},
+    "blunders": plies where a plausible blunder was played}.
+    Every engine move is sampled from a `play_depth` multi-PV search; puzzle detection reuses those searches
+    (and the deeper scores around injected blunders) as its cheap first scan.
+    """
     board = chess.Board()
-    moves = []
+    moves, analyses, evals, blunders = [], {}, {}, []
     profiles = _player_profiles(rng, cfg)
     book_plies = rng.randint(cfg.book_plies_min, cfg.book_plies_max)
     while not board.is_game_over() and not board.is_repetition(3) and len(moves) < cfg.max_plies:
-        profile = profiles[board.turn]
-        move = None
-        if len(moves) < book_plies:
-            if book is not None:
-                move = _book_move(book, board, rng)
-            elif engine is not None:  # no book: a wide engine opening
-                move = _engine_move(engine, moves, profile, rng, cfg, temperature=60)
-        if move is None and engine is None:
-            move = heuristic_move(board, rng).uci()
-        if move is None and rng.random() < profile["blunder_rate"] and len(moves) >= cfg.book_plies_min:
-            move = _plausible_blunder(engine, moves, profile, cfg)
-        if move is None:
-            move = _engine_move(engine, moves, profile, rng, cfg)
+        ply, profile = len(moves), profiles[board.turn]
+        in_book = ply < book_plies
+        move = _book_move(book, board, rng) if in_book and book is not None else None
+        if engine is None:
+            move = move or heuristic_move(board, rng).uci()
+        else:
+            if move is None or analyse_book_plies:
+                analyses[ply] = engine.analyse(moves, depth=cfg.play_depth, multipv=cfg.play_multipv)
+                evals.setdefault(ply, analyses[ply].score)  # a blunder's deeper score stays
+            blunder = None
+            if move is None and not in_book and rng.random() < profile["blunder_rate"]:
+                blunder = _plausible_blunder(engine, moves, profile, rng, cfg)
+            if blunder is not None:
+                move, evals[ply], evals[ply + 1] = blunder[0], blunder[1], -blunder[2]
+                blunders.append(ply)
+            elif move is None:
+                temperature = cfg.opening_temperature_cp if in_book else profile["temperature"]
+                move = _sample_softmax(analyses[ply].lines, temperature, rng)
         board.push(chess.Move.from_uci(move))
         moves.append(move)
-    return moves
+    return {"moves": moves, "analyses": analyses, "evals": evals, "blunders": blunders}
 
 
 def san_moves(moves):
@@ -523,37 +536,38 @@ def _themes(board, ply, mode, line, score):
 
 
 class _GameScan:
-    """One puzzle game, with the cheap per-position searches the detectors share."""
+    """One played puzzle game with what the detectors share: the play searches as a first scan, the evals,
+    and the material balance for the side to move."""
 
-    def __init__(self, moves, engine, cfg):
-        self.moves = moves
+    def __init__(self, played, engine, cfg):
+        self.moves = played["moves"]
+        self.scans = played["analyses"]
+        self.evals = played["evals"]
+        self.after_blunder = {p + 1 for p in played["blunders"]}
         self.engine = engine
         self.cfg = cfg
-        self.scans = {}
-        self.balance = {}  # material balance for the side to move, per ply
+        self.balance = {}
         board = chess.Board()
-        first = max(1, cfg.min_puzzle_ply - 1)
-        for ply in range(len(moves)):
-            if ply >= first and not board.is_game_over():
+        for ply, move in enumerate(self.moves):
+            if ply >= cfg.min_puzzle_ply and board.legal_moves.count() >= 2:
                 self.balance[ply] = _balance(board, board.turn)
-                if engine is not None:
-                    self.scans[ply] = engine.analyse(moves[:ply], nodes=cfg.scan_nodes, multipv=2)
-            board.push(chess.Move.from_uci(moves[ply]))
+            board.push(chess.Move.from_uci(move))
 
     def plies(self):
-        return [p for p in sorted(self.balance) if p >= self.cfg.min_puzzle_ply]
+        return sorted(self.balance)
 
     def board(self, ply):
         return board_after(self.moves[:ply])
 
 
 def _candidates(game, modes):
-    """(mode, ply) pairs worth verifying, from the scans (or, without an engine, every position for mates)."""
+    """(mode, ply) pairs worth verifying: from the play searches, plus every position after an injected
+    blunder (or, without an engine, every position for mates)."""
     found = []
     for ply in game.plies():
         scan = game.scans.get(ply)
         if scan is None:
-            if "mate" in modes:
+            if "mate" in modes and game.engine is None:
                 found.append(("mate", ply))
             continue
         n = mate_in(scan.score)
@@ -561,24 +575,24 @@ def _candidates(game, modes):
             found.append(("lichess", ply))
         if "mate" in modes and n is not None and n <= game.cfg.mate_max_n:
             found.append(("mate", ply))
-        elif "only_move" in modes and scan.gap() >= game.cfg.scan_gap and len(scan.lines) >= 2:
+        elif "only_move" in modes and (scan.gap() >= game.cfg.scan_gap or ply in game.after_blunder):
             found.append(("only_move", ply))
     return found
 
 
 def _lichess_branch(game, ply):
     """'mate' or 'advantage' when the opponent's last move was a lichess-puzzler mistake, else None."""
-    before, now = game.scans.get(ply - 1), game.scans[ply]
-    if before is None or len(now.lines) < 2:
+    if ply - 1 not in game.evals or ply not in game.evals:
         return None
-    previous, score = -before.score, now.score
+    previous, score = -game.evals[ply - 1], game.evals[ply]
+    if game.balance[ply] > 0:  # already up in material
+        return None
     n = mate_in(score)
     if n is not None and n <= 15:
         return "mate"
     if previous > 300 or score < 200 or win_chances(score) <= win_chances(previous) + 0.6:
         return None
-    balance = game.balance[ply]
-    if balance > 0 or (score < 400 and balance >= 0):  # already up material / a small edge needs a sacrifice
+    if score < 400 and game.balance[ply] >= 0:  # a small edge must come from being down material
         return None
     return "advantage"
 
@@ -594,12 +608,19 @@ def _puzzle(game, ply, mode, line, score, depth):
 
 
 def _only_move_puzzle(game, ply):
+    """A quick `filter_nodes` search weeds out most candidates (and plain recaptures) before the
+    `verify_nodes` search (fresh hash) that decides and rates."""
     cfg = game.cfg
+    board = game.board(ply)
+    quick = game.engine.analyse(game.moves[:ply], nodes=cfg.filter_nodes, multipv=2)
+    if quick.gap() < cfg.filter_gap or len(quick.lines) < 2:
+        return None
+    if cfg.skip_plain_recaptures and _is_plain_recapture(board, chess.Move.from_uci(quick.best)):
+        return None
     game.engine.new_game()
     analysis = game.engine.analyse(game.moves[:ply], nodes=cfg.verify_nodes, multipv=2)
     if len(analysis.lines) < 2 or analysis.gap() < cfg.only_move_gap:
         return None
-    board = game.board(ply)
     best = chess.Move.from_uci(analysis.best)
     if cfg.skip_plain_recaptures and _is_plain_recapture(board, best):
         return None
@@ -665,22 +686,20 @@ def _lichess_puzzle(game, ply):
         line = line[:-1]
     while line and forced[(len(line) - 1) // 2]:  # ... that had an alternative
         line = line[:-2]
-    if not line or (len(line) == 1 and branch == "advantage" and not cfg.lichess_allow_one_move):
+    if not line or (len(line) == 1 and not cfg.lichess_allow_one_move):
         return None
     return _puzzle(game, ply, "lichess", line, first.score, stable_depth(first, line[0].uci()))
 
 
-def find_puzzles(moves, engine, rng, cfg, modes):
-    """Puzzles of one game (at most `max_puzzles_per_game`, `min_puzzle_spacing` plies apart), by mode
-    priority; only-move candidates are tried in a seeded random order so they spread over the game."""
-    game = _GameScan(moves, engine, cfg)
-    candidates = _candidates(game, modes)
-    only_move = [c for c in candidates if c[0] == "only_move"]
-    rng.shuffle(only_move)
-    ordered = [c for mode in MODES[:2] for c in candidates if c[0] == mode] + only_move
+def find_puzzles(played, engine, cfg, modes):
+    """Puzzles of one game: at most `max_puzzles_per_game`, `min_puzzle_spacing` plies apart. Candidates are
+    tried in game order (the engine's hash then carries over from one ply to the next, which makes the quick
+    filter searches far more telling) and, at one ply, by mode priority (lichess, mate, only_move)."""
+    game = _GameScan(played, engine, cfg)
+    candidates = sorted(_candidates(game, modes), key=lambda c: (c[1], MODES.index(c[0])))
     build = {"lichess": _lichess_puzzle, "mate": _mate_puzzle, "only_move": _only_move_puzzle}
     puzzles = []
-    for mode, ply in ordered:
+    for mode, ply in candidates:
         if len(puzzles) >= cfg.max_puzzles_per_game:
             break
         if any(abs(ply - p["ply"]) < cfg.min_puzzle_spacing for p in puzzles):
@@ -688,7 +707,7 @@ def find_puzzles(moves, engine, rng, cfg, modes):
         puzzle = build[mode](game, ply)
         if puzzle is not None:
             puzzles.append(puzzle)
-    return sorted(puzzles, key=lambda p: p["ply"])
+    return puzzles
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -723,8 +742,9 @@ def run_game(task):
     rng = random.Random(game_seed(cfg.seed, stream, index))
     if engine is not None:
         engine.new_game()
-    moves = play_game(engine, _WORKER["book"], rng, cfg)
-    puzzles = find_puzzles(moves, engine, rng, cfg, modes) if modes else []
+    played = play_game(engine, _WORKER["book"], rng, cfg, analyse_book_plies=bool(modes))
+    puzzles = find_puzzles(played, engine, cfg, modes) if modes else []
+    moves = played["moves"]
     return {"stream": stream, "index": index, "moves": moves, "sans": san_moves(moves), "puzzles": puzzles}
 
 
@@ -963,7 +983,6 @@ def _parse_args(argv):
     parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--mode-caps", help="max share per mode, e.g. only_move=0.6,mate=0.4,lichess=1")
     parser.add_argument("--verify-nodes", type=int)
-    parser.add_argument("--scan-nodes", type=int)
     parser.add_argument("--max-puzzle-games", type=int)
     return parser.parse_args(argv)
 
@@ -972,7 +991,7 @@ def main(argv=None):
     args = _parse_args(argv)
     cfg = preset_config(args.preset, seed=args.seed, workers=args.workers, stockfish=args.stockfish,
                         book=args.book, n_train=args.n_train, n_test=args.n_test, corpus_games=args.corpus_games,
-                        verify_nodes=args.verify_nodes, scan_nodes=args.scan_nodes,
+                        verify_nodes=args.verify_nodes,
                         max_puzzle_games=args.max_puzzle_games)
     if args.modes:
         cfg.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())

@@ -1,0 +1,238 @@
+"""Train-step throughput and MFU of our Flax LLaMA against transformers' PyTorch LlamaForCausalLM, on this machine.
+
+    python bench/throughput.py [--sizes=bench-4m,bench-27m] [--seq=256] [--batch=8] [--steps=5] [--threads=2]
+
+One run measures, on the same machine and with the same thread count:
+  * the matmul peak: the best FLOP/s of a large float32 matmul in numpy and in jax (the MFU denominator);
+  * ours: `make_lm_step` (forward + backward + AdamW) jitted by `jit_step` on a 1-device mesh;
+  * PyTorch: transformers' `LlamaForCausalLM` at the same config (`convert.config_to_hf`), eager mode, the same
+    [B, L+1] blocks and next-token loss, `torch.optim.AdamW`.
+Tokens per step are B * L (the predicted positions). FLOPs per token follow MaxText:
+    6 * non-embedding params  +  6 * layers * (heads * head_dim) * L   (causal attention: 12 * layers * h * L / 2)
+    +  6 * hidden * vocab      (the LM head)
+Warm-up steps (compilation included) are excluded; each figure is the median of the timed steps. The script prints
+a table and, last, one JSON line with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="bench-4m,bench-27m", help="comma-separated presets (w2s_jax/models/presets.py)")
+    p.add_argument("--seq", type=int, default=256, help="sequence length L (blocks are [B, L+1])")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores both frameworks may use")
+    p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
+    p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
+                   help="override the preset's scan_layers for our model (default: the preset's)")
+    return p.parse_args(argv)
+
+
+def pin_threads(threads: int) -> None:
+    """Restrict this process (and so XLA's and PyTorch's thread pools) to `threads` cores. Must precede imports."""
+    cores = sorted(os.sched_getaffinity(0))
+    if threads < 1 or threads > len(cores):
+        raise ValueError(f"--threads={threads}: this machine lets the process use {len(cores)} cores")
+    os.sched_setaffinity(0, cores[:threads])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+def flops_per_token(cfg, seq: int) -> int:
+    """Training FLOPs per token (MaxText's rule; forward + backward = 3x forward)."""
+    weights = 6 * cfg.num_non_embedding_params
+    attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq  # causal: half of 12
+    lm_head = 6 * cfg.hidden_size * cfg.vocab_size
+    return weights + attention + lm_head
+
+
+def median_time(step, warmup: int, steps: int) -> float:
+    """Median seconds of `steps` calls of `step()` (which must block until its work is done) after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def random_blocks(vocab: int, batch: int, seq: int, seed: int = 0):
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq + 1)).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------ matmul peak
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
+    """Best float32 matmul FLOP/s of numpy and jax on an n x n product (max over repeats)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    flops = 2 * n ** 3
+
+    def best(fn):
+        fn()
+        return max(flops / _timed(fn) for _ in range(repeats))
+
+    numpy_peak = best(lambda: a @ b)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    jmatmul = jax.jit(jnp.matmul)
+    jax_peak = best(lambda: jmatmul(ja, jb).block_until_ready())
+    return {"numpy": numpy_peak, "jax": jax_peak, "peak": max(numpy_peak, jax_peak), "n": n}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ the two steps
+def jax_step_seconds(cfg, blocks, warmup: int, steps: int) -> float:
+    """Median seconds of our jitted LM train step (state donated, so each step feeds the next)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from w2s_jax import train
+    from w2s_jax.models.llama import LlamaForCausalLM
+
+    runtime = train.make_runtime({"data": 1, "fsdp": 1, "tensor": 1})
+    tx = optax.adamw(1e-4, weight_decay=0.01)
+    params = nn.meta.unbox(LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.asarray(blocks[:1, :-1]))["params"])
+    _, shardings = train.state_shardings(cfg, None, tx, runtime)
+    holder = {"state": train.create_state({"lm": params}, tx, shardings)}
+    step_fn = train.jit_step(train.make_lm_step(cfg, tx), shardings, runtime)
+    batch = runtime.put_batch({"blocks": blocks})
+
+    def step():
+        holder["state"], metrics = step_fn(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+
+    return median_time(step, warmup, steps)
+
+
+def torch_step_seconds(cfg, blocks, warmup: int, steps: int, threads: int) -> float:
+    """Median seconds of transformers' LlamaForCausalLM train step (eager, default attention, AdamW)."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from w2s_jax.models.convert import config_to_hf
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf = config_to_hf(cfg)
+    hf["use_cache"] = False
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    tokens = torch.from_numpy(blocks.astype("int64"))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        logits = model(input_ids=inputs).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return median_time(step, warmup, steps)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def machine_info(threads: int) -> dict:
+    import jax
+    import torch
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "jax": jax.__version__, "torch": torch.__version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("size", "params", "GFLOP/token", "framework", "step s", "tokens/s", "MFU %", "vs torch")
+    lines = [header]
+    for r in rows:
+        for fw in ("jax", "torch"):
+            if fw not in r:
+                continue
+            speedup = r["jax"]["tokens_per_s"] / r["torch"]["tokens_per_s"] if fw == "jax" and "torch" in r else None
+            lines.append((r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}", fw,
+                          f"{r[fw]['step_s']:.3f}", f"{r[fw]['tokens_per_s']:,.0f}", f"{100 * r[fw]['mfu']:.1f}",
+                          f"{speedup:.2f}x" if speedup else ""))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    pin_threads(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from w2s_jax.models.presets import get_preset
+
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    unknown = sorted(set(frameworks) - {"jax", "torch"})
+    if unknown:
+        raise ValueError(f"--frameworks: unknown {unknown}; expected jax and/or torch")
+    load_before = os.getloadavg()
+    info = machine_info(args.threads)
+    peak = matmul_peak()
+    print(f"matmul peak (float32, {peak['n']}^3): numpy {peak['numpy'] / 1e9:.1f} GFLOP/s, "
+          f"jax {peak['jax'] / 1e9:.1f} GFLOP/s", flush=True)
+    rows = []
+    for size in [s for s in args.sizes.split(",") if s]:
+        overrides = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
+        cfg = get_preset(size, **overrides)
+        if args.seq > cfg.max_position_embeddings:
+            cfg = cfg.replace(max_position_embeddings=args.seq)
+        blocks = random_blocks(cfg.vocab_size, args.batch, args.seq)
+        row = {"size": size, "params": cfg.num_params, "flops_per_token": flops_per_token(cfg, args.seq),
+               "batch": args.batch, "seq": args.seq}
+        tokens = args.batch * args.seq
+        for fw in frameworks:
+            if fw == "jax":
+                seconds = jax_step_seconds(cfg, blocks, args.warmup, args.steps)
+            else:
+                seconds = torch_step_seconds(cfg, blocks, args.warmup, args.steps, args.threads)
+            tps = tokens / seconds
+            row[fw] = {"step_s": seconds, "tokens_per_s": tps, "mfu": tps * row["flops_per_token"] / peak["peak"]}
+            print(f"  {size} {fw}: {seconds:.3f} s/step, {tps:,.0f} tokens/s", flush=True)
+        if "jax" in row and "torch" in row:
+            row["speedup"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
+        rows.append(row)
+    result = {"machine": info, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+              "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "results": rows}
+    print()
+    print(format_table(rows))
+    print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {result['load_avg_after'][0]:.2f} {result['load_avg_after'][1]:.2f} "
+          f"{result['load_avg_after'][2]:.2f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

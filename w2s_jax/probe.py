@@ -1,0 +1,253 @@
+"""Linear probes on frozen features: the paper's cheapest weak-to-strong method.
+
+Features are the hidden state of one layer at the last real token of each example's prompt, computed once with a
+jitted, sharded forward pass of the frozen LLaMA (`extract_features`) and cached on disk (`cached_features`).
+A multinomial logistic regression (`train_logreg`) is then fitted on soft targets (weak labels or one-hot ground
+truth), optionally early-stopped on a validation set.
+
+A probe with `standardize=False, bias=False` on the final layer is exactly the classification head of
+`models/heads.py` with a frozen trunk; `as_linear_head` folds any probe into that form (a kernel plus a bias).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from w2s_jax import parallel
+from w2s_jax.data import batching
+from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+class ProbeParams(struct.PyTreeNode):
+    """logits = ((features - mean) / std) @ weight + bias."""
+    weight: jax.Array  # [H, K]
+    bias: jax.Array  # [K]
+    mean: jax.Array  # [H] train-feature mean (zeros without standardisation)
+    std: jax.Array  # [H] train-feature std (ones without standardisation)
+
+
+# ------------------------------------------------------------------------------------------------ features
+def _prompt_items(encoded: Sequence[dict]) -> list[dict]:
+    """Views of encoded examples that hold only the prompt, so any scoring's encoding batches as `classify`."""
+    return [{"prompt": e["prompt"], "cands": e["cands"], "length": len(e["prompt"])} for e in encoded]
+
+
+def _batch_devices(runtime) -> int:
+    """How many ways the runtime splits the batch dimension."""
+    axes = runtime.batch_sharding.spec[0] if len(runtime.batch_sharding.spec) else None
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(runtime.mesh.shape[a] for a in axes)
+
+
+def _check_layer(cfg: LlamaConfig, layer: int) -> int:
+    """The layer as a non-negative index into (embeddings, layer_1, ..., norm(layer_N))."""
+    n = cfg.num_hidden_layers + 1
+    if not -n <= layer < n:
+        raise ValueError(f"layer={layer}: the model has {n} hidden states (embeddings + {n - 1} layers); "
+                         f"valid layers are {-n} .. {n - 1}")
+    return layer % n
+
+
+def last_token_features_fn(cfg: LlamaConfig, layer: int):
+    """(lm_params, batch) -> float32 [B, H]: the hidden state `layer` at each row's `last_index`.
+
+    Under jit, the LM head and the layers after `layer` are dead code and are not computed.
+    """
+    model = LlamaForCausalLM(cfg)
+    layer = _check_layer(cfg, layer)
+
+    def fn(lm_params, batch):
+        _, hidden = model.apply({"params": lm_params}, batch["input_ids"], batch["attention_mask"],
+                                output_hidden_states=True)
+        h = jnp.take_along_axis(hidden[layer], batch["last_index"][:, None, None], axis=1)[:, 0]
+        return h.astype(jnp.float32)
+    return fn
+
+
+def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, runtime,
+                     batch_size: int = 64) -> np.ndarray:
+    """Features [N, hidden] (float32) of hidden state `layer` at the last prompt token, in the order of `encoded`.
+
+    `layer` indexes `(embeddings, layer_1, ..., layer_{N-1}, norm(layer_N))`; negative counts from the end (-1 is
+    the final normed output the classification head reads). `encoded` comes from `batching.encode_examples` (any
+    scoring: only the prompt is read). Batches are length-bucketed and sharded over the runtime's mesh; the frozen
+    parameters are placed on their FSDP/tensor shardings. With `scan_layers=True` an intermediate layer holds every
+    layer's states of a batch ([layers, B, L, H]) at once: lower `batch_size` if that does not fit.
+    """
+    n_split = _batch_devices(runtime)
+    if batch_size % n_split:
+        raise ValueError(f"extract_features: batch_size={batch_size} is not divisible by the {n_split} devices the "
+                         f"mesh {dict(runtime.mesh.shape)} splits the batch over")
+    if len(encoded) == 0:
+        return np.zeros((0, cfg.hidden_size), np.float32)
+    shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), runtime.mesh,
+                                         runtime.rules)
+    params = parallel.shard_params(lm_params, shardings)
+    jitted = jax.jit(last_token_features_fn(cfg, layer), in_shardings=(shardings, runtime.batch_sharding),
+                     out_shardings=runtime.replicated)
+    items = _prompt_items(encoded)
+    out = np.zeros((len(items), cfg.hidden_size), np.float32)
+    for idx, chunk in batching.prediction_batches(items, batch_size):
+        host = batching.collate(chunk, "classify", batch_size=batch_size)
+        batch = {k: host[k] for k in ("input_ids", "attention_mask", "last_index")}
+        with runtime.tracing():
+            feats = np.asarray(jitted(params, runtime.put_batch(batch)))
+        out[idx] = feats[:len(idx)]
+    return out
+
+
+def cached_features(path: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
+    """Load features from the .npy file `path`, or compute them with `fn()` and save them there (atomically,
+    by process 0). The caller names the path after the model, layer and split."""
+    if os.path.isfile(path):
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable feature cache ({e}); delete it to recompute") from None
+    feats = np.asarray(fn(), np.float32)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+        os.replace(tmp, path)
+    return feats
+
+
+# ------------------------------------------------------------------------------------------------ the probe
+def probe_logits(params: ProbeParams, features) -> np.ndarray:
+    """Logits [N, K] of a probe on features [N, H]."""
+    x = (jnp.asarray(features, jnp.float32) - params.mean) / params.std
+    return np.asarray(x @ params.weight + params.bias)
+
+
+def probe_predict(params: ProbeParams, features) -> np.ndarray:
+    """Predicted class [N] (argmax of the logits)."""
+    return np.argmax(probe_logits(params, features), axis=-1)
+
+
+def as_linear_head(params: ProbeParams) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel [H, K], bias [K]) with features @ kernel + bias == probe_logits: the standardisation folded in."""
+    weight, mean, std = (np.asarray(a, np.float64) for a in (params.weight, params.mean, params.std))
+    kernel = weight / std[:, None]
+    return kernel.astype(np.float32), (np.asarray(params.bias, np.float64) - mean @ kernel).astype(np.float32)
+
+
+def _check_data(features, targets, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(features, np.float32), np.asarray(targets, np.float32)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"{what}: features must be [N, H] and targets [N, K] probabilities; got shapes "
+                         f"{x.shape} and {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: {x.shape[0]} feature rows but {y.shape[0]} target rows")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: no examples")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what}: features contain NaN or inf")
+    if np.any(y < 0) or not np.allclose(y.sum(-1), 1.0, atol=1e-3):
+        raise ValueError(f"{what}: every target row must be probabilities (non-negative, summing to 1)")
+    return x, y
+
+
+def _standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (1 for constant features, which centre to 0 anyway)."""
+    mean = x.mean(0, dtype=np.float64)
+    std = x.std(0, dtype=np.float64)
+    std = np.where(std > 1e-8, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _accuracy(params: ProbeParams, features, targets) -> float:
+    return float(np.mean(probe_predict(params, features) == np.argmax(targets, -1)))
+
+
+def _make_epoch_fn(tx: optax.GradientTransformation, l2: float, use_bias: bool):
+    """One jitted epoch: Adam steps over the minibatches `order` [steps, batch] of standardised features."""
+
+    def loss_fn(w, x, y):
+        logits = x @ w["weight"] + (w["bias"] if use_bias else 0.0)
+        xent = -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits, -1), -1))
+        return xent + 0.5 * l2 * jnp.sum(w["weight"] ** 2)
+
+    def step(carry, idx):
+        w, opt_state, x, y = carry
+        loss, grads = jax.value_and_grad(loss_fn)(w, x[idx], y[idx])
+        updates, opt_state = tx.update(grads, opt_state, w)
+        return (optax.apply_updates(w, updates), opt_state, x, y), loss
+
+    @jax.jit
+    def epoch(w, opt_state, x, y, order):
+        (w, opt_state, _, _), losses = jax.lax.scan(step, (w, opt_state, x, y), order)
+        return w, opt_state, losses.mean()
+    return epoch
+
+
+def train_logreg(features, targets, *, l2: float = 1e-3, lr: float = 1e-2, epochs: int = 50,
+                 batch_size: int = 256, seed: int = 0, val: Optional[tuple] = None, patience: int = 5,
+                 standardize: bool = True, bias: bool = True,
+                 callback: Optional[Callable[[int, dict], None]] = None) -> ProbeParams:
+    """Fit a multinomial logistic-regression probe on soft targets [N, K] (weak labels or one-hot ground truth).
+
+    Loss: mean cross-entropy against the targets + l2/2 * ||weight||^2 (no penalty on the bias). Adam with a cosine
+    decay to 0 over `epochs`, minibatches of `batch_size` from a fresh permutation each epoch (the last partial
+    batch is dropped; a different one each epoch). Weights start at zero, so the result depends only on the data
+    and `seed`. Features are standardised with the train mean/std, stored in the params.
+
+    `val=(features, targets)`: after every epoch, score the argmax accuracy against the validation targets' argmax;
+    stop after `patience` epochs without a strictly better score and return the best epoch's params.
+    `callback(epoch, {"loss": ..., "val_accuracy": ...})` is called after every epoch (1-based).
+    """
+    x, y = _check_data(features, targets, "train_logreg")
+    if val is not None:
+        vx, vy = _check_data(*val, "train_logreg val")
+        if vx.shape[1] != x.shape[1] or vy.shape[1] != y.shape[1]:
+            raise ValueError(f"train_logreg val: features/targets widths {vx.shape[1]}/{vy.shape[1]} differ from "
+                             f"the training set's {x.shape[1]}/{y.shape[1]}")
+    if epochs < 1 or batch_size < 1 or patience < 1:
+        raise ValueError(f"train_logreg: epochs={epochs}, batch_size={batch_size} and patience={patience} "
+                         f"must be positive")
+    n, h = x.shape
+    k = y.shape[1]
+    if standardize:
+        mean, std = _standardization(x)
+    else:
+        mean, std = np.zeros(h, np.float32), np.ones(h, np.float32)
+    xs = jnp.asarray((x - mean) / std)
+    bs = min(batch_size, n)
+    steps = n // bs
+    tx = optax.adam(optax.cosine_decay_schedule(lr, epochs * steps))
+    w = {"weight": jnp.zeros((h, k), jnp.float32)}
+    if bias:
+        w["bias"] = jnp.zeros((k,), jnp.float32)
+    opt_state = tx.init(w)
+    run_epoch = _make_epoch_fn(tx, l2, bias)
+    as_params = lambda w: ProbeParams(weight=np.asarray(w["weight"]),
+                                      bias=np.asarray(w["bias"]) if bias else np.zeros(k, np.float32),
+                                      mean=mean, std=std)
+    rng = np.random.default_rng(seed)
+    best, best_acc, since_best = None, -1.0, 0
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(n)[:steps * bs].reshape(steps, bs)
+        w, opt_state, loss = run_epoch(w, opt_state, xs, jnp.asarray(y), jnp.asarray(order))
+        info = {"loss": float(loss)}
+        if val is not None:
+            params = as_params(w)
+            info["val_accuracy"] = acc = _accuracy(params, vx, vy)
+            if acc > best_acc:
+                best, best_acc, since_best = params, acc, 0
+            else:
+                since_best += 1
+        if callback is not None:
+            callback(epoch, info)
+        if val is not None and since_best >= patience:
+            break
+    return best if val is not None else as_params(w)
