@@ -51,7 +51,18 @@ def get_base_config():
         chains="",  # "weak->mid->strong,..."
         chain_loss="xent",
         labels="soft",  # "soft": the supervisor's probabilities; "hard": its argmax
+        # Elicitation methods beyond finetuning, run for every pair: probe (linear probe on the student's frozen
+        # features, trained on weak labels), finetune_probe (probe on the weak-label-finetuned student), genft
+        # (unsupervised LM finetuning on the task's texts, then naive finetuning), zero_shot, few_shot (k examples
+        # labelled by the supervisor).
+        methods="",
     ))
+    c.probe = ml_collections.ConfigDict(dict(
+        layer=-1, l2=1e-3, lr=1e-2, epochs=50, batch_size=256, patience=5, val_frac=0.1))
+    c.genft = ml_collections.ConfigDict(dict(
+        steps=100, batch_size=16, seq_len=256, lr=1e-4, warmup_steps=10, schedule="cosine", optimizer="adamw",
+        weight_decay=0.0, grad_clip=1.0, microbatches=1))
+    c.few_shot = ml_collections.ConfigDict(dict(k=4))
 
     # Keyword arguments of each loss (w2s_jax.losses.get).
     c.losses = ml_collections.ConfigDict(dict(

@@ -141,6 +141,7 @@ class Experiment:
         self.runtime = train_lib.make_runtime(cfg.mesh.to_dict(), list(cfg.logical_rules) or None)
         self.scoring = cfg.task.scoring
         self.notes: list[str] = []
+        self.derived: dict[str, str] = {}  # models made by a stage (generative finetuning): name -> HF directory
         os.makedirs(workdir, exist_ok=True)
 
     def path(self, *parts) -> str:
@@ -193,6 +194,8 @@ class Experiment:
 
     # -------------------------------------------------------------------------------------------- models
     def model_dir(self, name: str) -> str:
+        if name in self.derived:
+            return self.derived[name]
         m = self.cfg.models[name]
         return m.checkpoint if m.source == "hf" else self.path("models", name)
 
@@ -212,46 +215,49 @@ class Experiment:
         out = self.model_dir(name)
         if m.source == "hf" or os.path.isfile(os.path.join(out, "config.json")):
             return
-        pcfg = self.cfg.pretrain
-        tok = self.tokenizer
+        tok, pcfg = self.tokenizer, self.cfg.pretrain
         lcfg = presets.get_preset(m.preset, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                   max_position_embeddings=max(pcfg.seq_len, self.cfg.task.max_len),
                                   scan_layers=self.cfg.model_defaults.scan_layers,
                                   remat_policy=self.cfg.model_defaults.remat_policy)
-        ids = [tok(text, add_special_tokens=False)["input_ids"] for text in self.corpus]
-        blocks = batching.lm_blocks([[tok.bos_token_id] + x for x in ids], pcfg.seq_len, tok.eos_token_id)
-        steps = int(m.get("pretrain_steps", 0) or pcfg.steps)
         rng = jax.random.PRNGKey(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
         init = jax.jit(lambda r: nn.meta.unbox(train_lib.LlamaForCausalLM(lcfg).init(r, np.zeros((1, 8), np.int32))))
-        params = {"lm": init(rng)["params"]}
-        tx = train_lib.make_optimizer(pcfg, steps, pcfg.lr)
+        pcfg = pcfg.copy_and_resolve_references()
+        pcfg.steps = int(m.get("pretrain_steps", 0) or pcfg.steps)
+        self.lm_train(f"pretrain_{name}", lcfg, {"lm": init(rng)["params"]}, self.corpus, pcfg, out)
+
+    def lm_train(self, run: str, lcfg, params, texts: list[str], lmcfg, out_dir: str) -> None:
+        """Next-token training on texts (pretraining, generative finetuning); saves a HF checkpoint to out_dir."""
+        tok = self.tokenizer
+        ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        blocks = batching.lm_blocks(ids, lmcfg.seq_len, tok.eos_token_id)
+        tx = train_lib.make_optimizer(lmcfg, lmcfg.steps, lmcfg.lr)
         abstract, shardings = train_lib.state_shardings(lcfg, None, tx, self.runtime)
         state = train_lib.create_state(params, tx, shardings)
-        step = train_lib.jit_step(train_lib.make_lm_step(lcfg, tx, pcfg.microbatches), shardings, self.runtime)
-        order = batching.epoch_order(len(blocks), pcfg.batch_size, self.cfg.seed, steps=steps)
-        run_dir = self.path("runs", f"pretrain_{name}")
+        step = train_lib.jit_step(train_lib.make_lm_step(lcfg, tx, lmcfg.microbatches), shardings, self.runtime)
+        order = batching.epoch_order(len(blocks), lmcfg.batch_size, self.cfg.seed, steps=lmcfg.steps)
+        run_dir = self.path("runs", run)
         with MetricWriter(run_dir, enabled=self.is_main) as writer:
             state, _ = train_lib.run_loop(
                 state=state, abstract_state=abstract, shardings=shardings, step_fn=step,
-                get_batch=lambda s: {"blocks": blocks[order[s]]}, num_steps=steps,
+                get_batch=lambda s: {"blocks": blocks[order[s]]}, num_steps=lmcfg.steps,
                 ckpt_dir=os.path.join(run_dir, "ckpt"), runtime=self.runtime,
-                checkpoint_every=self.cfg.train.checkpoint_every, writer=writer, desc=f"pretrain {name}")
+                checkpoint_every=self.cfg.train.checkpoint_every, writer=writer, desc=run)
+        convert.save_hf(lcfg, state.params["lm"], out_dir)  # every process calls it; process 0 writes
         if self.is_main:
-            convert.save_hf(lcfg, state.params["lm"], out)
-            tok.save_pretrained(out)
+            tok.save_pretrained(out_dir)
 
     def load_model(self, name: str):
-        m = self.cfg.models[name]
         md = self.cfg.model_defaults
-        return convert.load_hf(self.model_dir(name), dtype=m.get("dtype", None) or md.dtype,
-                               param_dtype=m.get("param_dtype", None) or md.param_dtype,
+        return convert.load_hf(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
                                scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules)
 
     # -------------------------------------------------------------------------------------------- runs
     def train_and_predict(self, run: str, model: str, train_split: str, train_idx: list[int],
                           targets: list[np.ndarray], loss_name: str, label_sets: dict[str, str],
-                          val: tuple[list[int], list[np.ndarray]] | None = None) -> dict:
+                          val: tuple[list[int], list[np.ndarray]] | None = None,
+                          features_for: tuple[str, ...] = ()) -> dict:
         """Train `model` on examples `train_idx` of `train_split` with `targets`, then predict the test set and
         every split in `label_sets` ({label_name: split}). Skipped when its result file exists."""
         run_dir = self.path("runs", run)
@@ -260,7 +266,6 @@ class Experiment:
             with open(done_file) as f:
                 return json.load(f)
         cfg, tcfg = self.cfg, self.cfg.train
-        mcfg = cfg.models[model]
         lcfg, lm_params = self.load_model(model)
         lcfg = lcfg.replace(remat_policy=cfg.model_defaults.remat_policy)
         label_ids = None
@@ -273,7 +278,7 @@ class Experiment:
         enc = [self.enc[train_split][i] for i in train_idx]
         order = batching.epoch_order(len(enc), tcfg.batch_size, cfg.seed, epochs=tcfg.epochs)
         steps = len(order)
-        lr = float(mcfg.get("lr", 0.0) or tcfg.lr)
+        lr = float(cfg.models[model.split("+")[0]].lr or tcfg.lr)
         tx = train_lib.make_optimizer(tcfg, steps, lr)
         abstract, shardings = train_lib.state_shardings(lcfg, head, tx, self.runtime)
         state = train_lib.create_state(params, tx, shardings)
@@ -327,6 +332,16 @@ class Experiment:
                     json.dumps({"id": ex["id"], "probs": [round(float(x), 7) for x in p]}) + "\n"
                     for ex, p in zip(exs, probs)))
             result["labels"][label_name] = path
+        if features_for:  # for "finetune, then probe": the finetuned trunk's features
+            from w2s_jax import probe
+            result["features"] = {}
+            for split in features_for:
+                path = os.path.join(run_dir, f"features_{split}.npy")
+                feats = probe.extract_features(lcfg, state.params["lm"], self.enc[split], self.cfg.probe.layer,
+                                               self.runtime, self.cfg.eval.batch_size)
+                if self.is_main:
+                    np.save(path, feats)
+                result["features"][split] = path
         self._write_json(done_file, result)
         return result
 
@@ -377,7 +392,7 @@ class Experiment:
         self.prepare_data()
         pairs = [tuple(p) for p in parse_chains(exp.pairs)]
         chains = parse_chains(exp.chains)
-        losses = parse_list(exp.losses)
+        losses, methods = parse_list(exp.losses), parse_list(exp.methods)
         gt_models = parse_list(exp.ground_truth) or self.ladder()
         for m in {m for p in pairs for m in p} | {m for c in chains for m in c}:
             if m not in gt_models:
@@ -385,67 +400,110 @@ class Experiment:
         order = [m for m in self.ladder() if m in gt_models]
         for m in order:
             self.ensure_model(m)
-        supervisors = {p[0] for p in pairs} | {c[0] for c in chains}
-
-        results: dict[str, Any] = {"task": cfg.task.name, "models": {}, "runs": [], "notes": self.notes}
-        for m in order:
-            lcfg = convert.config_from_hf(json.load(open(os.path.join(self.model_dir(m), "config.json"))))
-            results["models"][m] = {"params": lcfg.num_params, "non_embedding_params": lcfg.num_non_embedding_params}
+        self.supervisors = {p[0] for p in pairs} | {c[0] for c in chains}
+        self.results = {"task": cfg.task.name, "models": {}, "runs": [], "notes": self.notes}
 
         # Ground truth on half A (the weak floor, the ceilings and the supervisors); supervisors also label half B.
-        all_a = list(range(len(self.half_a)))
-        tr_a, val_a = self.validation_split(all_a)
-        gt = {}
+        self.gt = {}
         for m in order:
-            gt[m] = self.train_and_predict(
-                f"gt_{m}", m, "A", tr_a, one_hot_targets([self.half_a[i] for i in tr_a]), "xent",
-                {"B": "B"} if m in supervisors else {},
-                val=(val_a, one_hot_targets([self.half_a[i] for i in val_a])))
-            results["runs"].append({"name": f"gt_{m}", "role": "weak" if m in supervisors else "ceiling",
-                                    "model": m, "supervisor": None, "method": GT, "accuracy": gt[m]["accuracy"],
-                                    "early_stopping": gt[m]["early_stopping"]})
+            self.ground_truth(m)
 
         all_b = list(range(len(self.half_b)))
         for sup, stu in pairs:
-            weak_labels = self.read_labels(gt[sup]["labels"]["B"], self.half_b)
+            weak_labels = self.read_labels(self.gt[sup]["labels"]["B"], self.half_b)
+            runs = {}
             for loss in losses:
                 name = f"w2s_{sup}_to_{stu}_{loss}"
-                res = self._student(name, stu, all_b, weak_labels, loss, {})
-                results["runs"].append(self._student_row(name, res, stu, sup, loss, gt, sup, gt[sup]))
+                feats = ("B", "test") if loss == "xent" and "finetune_probe" in methods else ()
+                runs[loss] = self._student(name, stu, all_b, weak_labels, loss, {}, features_for=feats)
+                self.add_student(name, runs[loss], stu, sup, loss, sup, self.gt[sup])
+            self.run_methods(methods, sup, stu, weak_labels, all_b, runs.get("xent"))
 
         for chain in chains:
             # Bootstrapping: each step trains on its own slice of half B (fresh data per step, as the paper),
             # labelled by the previous model of the chain.
             parts = np.array_split(np.arange(len(self.half_b)), len(chain) - 1)
-            prev_run, method = gt[chain[0]], "chain:" + "->".join(chain)
+            prev_run, method = self.gt[chain[0]], "chain:" + "->".join(chain)
             for j, (sup, stu) in enumerate(zip(chain[:-1], chain[1:])):
                 idx = [int(i) for i in parts[j]]
                 labels = self.read_labels(prev_run["labels"]["B"], self.half_b)
                 name = f"chain_{'-'.join(chain)}_{exp.chain_loss}_step{j + 1}"
                 label_sets = {"B": "B"} if j < len(chain) - 2 else {}
                 res = self._student(name, stu, idx, labels, exp.chain_loss, label_sets)
-                row = self._student_row(name, res, stu, chain[0], method, gt, sup, prev_run)
-                row["loss"] = exp.chain_loss
-                results["runs"].append(row)
+                self.add_student(name, res, stu, chain[0], method, sup, prev_run)["loss"] = exp.chain_loss
                 prev_run = res
 
         if self.is_main:
-            report.write_report(results, self.workdir)
-        return results
+            report.write_report(self.results, self.workdir)
+        return self.results
 
-    def _student(self, name, model, idx, labels, loss, label_sets):
+    def ground_truth(self, m: str) -> None:
+        """Train model m on half A's ground truth; a supervisor also labels half B."""
+        lcfg = convert.config_from_hf(json.load(open(os.path.join(self.model_dir(m), "config.json"))))
+        self.results["models"][m] = {"params": lcfg.num_params,
+                                     "non_embedding_params": lcfg.num_non_embedding_params}
+        tr_a, val_a = self.validation_split(list(range(len(self.half_a))))
+        self.gt[m] = self.train_and_predict(
+            f"gt_{m}", m, "A", tr_a, one_hot_targets([self.half_a[i] for i in tr_a]), "xent",
+            {"B": "B"} if m in self.supervisors else {},
+            val=(val_a, one_hot_targets([self.half_a[i] for i in val_a])))
+        self.results["runs"].append({"name": f"gt_{m}", "role": "weak" if m in self.supervisors else "ceiling",
+                                     "model": m, "supervisor": None, "method": GT,
+                                     "accuracy": self.gt[m]["accuracy"],
+                                     "early_stopping": self.gt[m]["early_stopping"]})
+
+    def run_methods(self, methods, sup, stu, weak_labels, idx, xent_run) -> None:
+        """The elicitation methods beyond finetuning for one (supervisor, student) pair (elicitation.py)."""
+        from w2s_jax import elicitation as E
+        unknown = sorted(set(methods) - set(E.METHODS))
+        if unknown:
+            raise ValueError(f"experiment.methods: unknown {unknown}; valid methods are {list(E.METHODS)}")
+        add_gt = lambda res, model, method: self.results["runs"].append(
+            {"name": res["run"], "role": "ceiling", "model": model, "supervisor": None, "method": method,
+             "accuracy": res["accuracy"], "early_stopping": "none"})
+        if "probe" in methods:
+            ceiling = E.ground_truth_probe(self, stu)
+            add_gt(ceiling, stu, "probe")
+            res = E.weak_probe(self, sup, stu, weak_labels)
+            self.add_student(res["run"], res, stu, sup, "probe", sup, self.gt[sup], ceiling=ceiling["accuracy"])
+        if "finetune_probe" in methods:
+            if xent_run is None:
+                raise ValueError("experiment.methods 'finetune_probe' needs 'xent' in experiment.losses")
+            res = E.finetune_then_probe(self, sup, stu, weak_labels, xent_run)
+            self.add_student(res["run"], res, stu, sup, "finetune_probe", sup, self.gt[sup])
+        if "genft" in methods:
+            derived = E.generative_finetune(self, stu)
+            self.ground_truth(derived)
+            name = f"w2s_{sup}_to_{derived}_xent"
+            res = self._student(name, derived, idx, weak_labels, "xent", {})
+            self.add_student(name, res, derived, sup, "genft+xent", sup, self.gt[sup])
+        if "zero_shot" in methods:
+            res = E.zero_shot(self, stu)
+            self.results["runs"].append({"name": res["run"], "role": "baseline", "model": stu, "supervisor": None,
+                                         "method": "zero_shot", "accuracy": res["accuracy"],
+                                         "early_stopping": "none"})
+        if "few_shot" in methods:
+            res = E.few_shot(self, sup, stu, weak_labels)
+            self.add_student(res["run"], res, stu, sup, "few_shot", sup, self.gt[sup])
+
+    def _student(self, name, model, idx, labels, loss, label_sets, features_for=()):
         tr, val = self.validation_split(idx)
         oracle = self.cfg.train.early_stopping == "ground_truth_oracle"
         val_targets = (one_hot_targets([self.half_b[i] for i in val]) if oracle else [labels[i] for i in val])
         return self.train_and_predict(name, model, "B", tr, [labels[i] for i in tr], loss, label_sets,
-                                      val=(val, val_targets))
+                                      val=(val, val_targets), features_for=features_for)
 
-    def _student_row(self, name, res, student, weak, method, gt, direct_sup, sup_run) -> dict:
-        acc_weak, acc_ceiling = gt[weak]["accuracy"], gt[student]["accuracy"]
+    def add_student(self, name, res, student, weak, method, direct_sup, sup_run, ceiling=None) -> dict:
+        """Append a student's row: accuracy, PGR between the weak model and the ceiling (the student trained on
+        ground truth, or `ceiling` for methods with their own), and (error) agreement with its direct supervisor."""
+        acc_weak = self.gt[weak]["accuracy"]
+        acc_ceiling = self.gt[student]["accuracy"] if ceiling is None else ceiling
         sup_preds = sup_run["test_predictions"]
-        return {"name": name, "role": "student", "model": student, "supervisor": weak,
-                "direct_supervisor": direct_sup, "method": method, "accuracy": res["accuracy"],
-                "pgr": metrics.pgr(res["accuracy"], acc_weak, acc_ceiling),
-                "agreement": metrics.agreement(res["test_predictions"], sup_preds),
-                "error_agreement": metrics.error_agreement(res["test_predictions"], sup_preds, accepts(self.test)),
-                "early_stopping": res["early_stopping"]}
+        row = {"name": name, "role": "student", "model": student, "supervisor": weak,
+               "direct_supervisor": direct_sup, "method": method, "accuracy": res["accuracy"],
+               "pgr": metrics.pgr(res["accuracy"], acc_weak, acc_ceiling),
+               "agreement": metrics.agreement(res["test_predictions"], sup_preds),
+               "error_agreement": metrics.error_agreement(res["test_predictions"], sup_preds, accepts(self.test)),
+               "early_stopping": res["early_stopping"]}
+        self.results["runs"].append(row)
+        return row

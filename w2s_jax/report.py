@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from w2s_jax.metrics import atomic_write_text, median_pgr, to_json
 
-ROLES = ("weak", "ceiling", "student")
+ROLES = ("weak", "ceiling", "student", "baseline")
 EARLY_STOPPING = {"none": "none", "weak_labels": "weak labels", "ground_truth_oracle": "GT oracle‡"}
 DECIMALS = 3
 PGR_UNDEFINED = "n/a†"

@@ -108,6 +108,13 @@ def abstract_lm_params(cfg: LlamaConfig):
     return parallel.abstract_params(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32))
 
 
+def lm_param_shardings(cfg: LlamaConfig, runtime: Runtime):
+    """NamedSharding tree of the (unboxed) LLaMA params on the runtime's mesh."""
+    boxed = abstract_lm_params(cfg)
+    return parallel.logical_to_mesh_sharding(nn.get_partition_spec(boxed), runtime.mesh, runtime.rules,
+                                             shapes=nn.meta.unbox(boxed))
+
+
 def state_shardings(cfg: LlamaConfig, head_params, tx, runtime: Runtime):
     """(abstract unboxed TrainState, its NamedSharding tree) for params {'lm', 'head'} and the optimizer state."""
     boxed = {"lm": abstract_lm_params(cfg)}

@@ -887,7 +887,7 @@ def _split_stats(rows):
     }
 
 
-def generate(cfg, log=print):
+def generate(cfg, log=print, command=None):
     """Generates {"train": rows, "test": rows, "corpus": texts, "stats": dict} (see the module docstring)."""
     start = time.time()
     modes = tuple(cfg.modes)
@@ -915,7 +915,7 @@ def generate(cfg, log=print):
     overlapping = {i for i, _ in check_disjoint(candidates, train + test)}
     corpus = [text for i, text in enumerate(candidates) if i not in overlapping]
     stats = {
-        "command": " ".join(sys.argv),
+        "command": command or " ".join(sys.argv),
         "seconds": round(time.time() - start, 1),
         "puzzle_seconds": round(puzzle_seconds, 1),
         "stockfish": engine_path and _engine_version(engine_path),
@@ -963,8 +963,8 @@ def write_outputs(result, out_dir, compress_over_bytes=1_000_000):
     return written + [stats_path]
 
 
-def generate_to_dir(cfg, out_dir, log=print):
-    result = generate(cfg, log)
+def generate_to_dir(cfg, out_dir, log=print, command=None):
+    result = generate(cfg, log, command)
     return write_outputs(result, out_dir, cfg.compress_over_bytes)
 
 
@@ -1000,7 +1000,8 @@ def main(argv=None):
             mode, share = item.split("=")
             cfg.mode_caps[mode.strip()] = float(share)
     try:
-        paths = generate_to_dir(cfg, args.out)
+        command = "python -m w2s_jax.data.chess_gen " + " ".join(sys.argv[1:] if argv is None else argv)
+        paths = generate_to_dir(cfg, args.out, command=command)
     except StockfishNotFound as e:
         sys.exit(f"error: {e}")
     print("[chess_gen] wrote " + ", ".join(str(p) for p in paths))
