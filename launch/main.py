@@ -39,7 +39,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
-    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.WARNING)  # libraries (orbax, absl) stay quiet
+    logging.getLogger("w2s_jax").setLevel(logging.INFO)
     # Multi-host: initialise before anything touches a device.
     from w2s_jax import parallel
     parallel.init_distributed(cfg.distributed)

@@ -112,7 +112,7 @@ def _score_prompts(exp, model: str, examples: list[dict]) -> list[int]:
     enc, dropped = batching.encode_examples(examples, exp.tokenizer, "choice_lm", 10 ** 9)
     predict = train_lib.make_predict_fn(lcfg, "choice_lm", exp.runtime,
                                         {"lm": train_lib.lm_param_shardings(lcfg, exp.runtime)})
-    logits = exp._logits(predict, {"lm": lm}, enc)
+    logits = exp._logits(predict, {"lm": lm}, enc, "choice_lm")
     return [int(np.argmax(l)) for l in logits]
 
 

@@ -24,6 +24,8 @@ from w2s_jax.data import batching
 from w2s_jax.metric_writer import MetricWriter
 from w2s_jax.models import convert, heads, presets
 
+log = logging.getLogger(__name__)
+
 GT = "ground_truth"
 
 
@@ -76,6 +78,10 @@ def validate_config(cfg) -> None:
                 problems.append(f"models.{name}.preset={m.preset!r}: valid presets are {list(presets.PRESETS)}")
         else:
             problems.append(f"models.{name}.source={m.source!r}: expected 'pretrain' or 'hf'")
+    from w2s_jax.elicitation import METHODS
+    for method in parse_list(exp.methods):
+        if method not in METHODS:
+            problems.append(f"experiment.methods: unknown method {method!r}; valid methods are {list(METHODS)}")
     if cfg.eval.mode not in ("rank", "greedy"):
         problems.append(f"eval.mode={cfg.eval.mode!r}: expected 'rank' or 'greedy'")
     if exp.labels not in ("soft", "hard"):
@@ -176,7 +182,7 @@ class Experiment:
         for split, e in self.enc.items():
             for i, item in enumerate(e):
                 item["src"] = i
-        logging.info("data: %d / %d train halves, %d test", len(self.half_a), len(self.half_b), len(self.test))
+        log.info("data: %d / %d train halves, %d test", len(self.half_a), len(self.half_b), len(self.test))
 
     def load_tokenizer(self):
         tcfg = self.cfg.tokenizer
@@ -263,8 +269,11 @@ class Experiment:
         run_dir = self.path("runs", run)
         done_file = os.path.join(run_dir, "result.json")
         if os.path.isfile(done_file):
+            log.info("%s: already done (%s)", run, done_file)
             with open(done_file) as f:
                 return json.load(f)
+        log.info("%s: training %s on %d examples of half %s with %s", run, model, len(train_idx), train_split,
+                 loss_name)
         cfg, tcfg = self.cfg, self.cfg.train
         lcfg, lm_params = self.load_model(model)
         lcfg = lcfg.replace(remat_policy=cfg.model_defaults.remat_policy)
@@ -358,12 +367,12 @@ class Experiment:
         logits = self._logits(predict, state.params, self.enc["test"])
         return [int(np.argmax(l)) for l in logits], None
 
-    def _logits(self, predict, params, enc) -> list[np.ndarray]:
+    def _logits(self, predict, params, enc, scoring=None) -> list[np.ndarray]:
         """Candidate logits for every encoded example (length-bucketed batches), in the original order."""
         out = [None] * len(enc)
         bs = self.cfg.eval.batch_size
         for idx, items in batching.prediction_batches(enc, bs):
-            batch = batching.collate(items, self.scoring, batch_size=bs)
+            batch = batching.collate(items, scoring or self.scoring, batch_size=bs)
             logits = predict(params, batch)
             for r, i in enumerate(idx):
                 out[i] = logits[r, :len(items[r]["cands"])]

@@ -29,6 +29,8 @@ from w2s_jax import parallel
 from w2s_jax.models import heads
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
+log = logging.getLogger(__name__)
+
 
 class Preempted(Exception):
     """Raised after a checkpoint was written because the process was asked to stop (SIGTERM, Ctrl-C)."""
@@ -276,7 +278,7 @@ def restore_latest(mngr, abstract_state, shardings):
             out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                               loop=ocp.args.JsonRestore()))
         except Exception as e:  # a partial checkpoint (killed during a save): use the previous good step
-            logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
+            log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
                             step, mngr.directory, e)
             continue
         return out.state, out.loop
@@ -298,7 +300,7 @@ def run_loop(*, state, abstract_state, shardings, step_fn: Callable, get_batch: 
     restored, restored_loop = restore_latest(mngr, abstract_state, shardings)
     if restored is not None:
         state, loop = restored, restored_loop
-        logging.info("%s: resumed at step %d from %s", desc, loop["step"], mngr.directory)
+        log.info("%s: resumed at step %d from %s", desc, loop["step"], mngr.directory)
     if writer is not None:
         writer.truncate_after(loop["step"])
 

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 SCORINGS = ("classify", "choice_lm", "reward")
 
 
@@ -52,7 +54,7 @@ def encode_examples(examples: Sequence[dict], tokenizer, scoring: str, max_len: 
             continue
         encoded.append({"src": i, "prompt": prompt, "cands": cands, "length": length})
     if dropped:
-        logging.info("dropped %d of %d examples longer than max_len=%d tokens", len(dropped), len(examples), max_len)
+        log.info("dropped %d of %d examples longer than max_len=%d tokens", len(dropped), len(examples), max_len)
     return encoded, dropped
 
 

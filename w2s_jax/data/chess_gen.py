@@ -1,9 +1,10 @@
 """Offline chess-puzzle generator: games played by Stockfish at varied strength, puzzles found in them.
 
 Each game starts from the standard position with a book opening (Debian's gnuchess polyglot book when present),
-then every move is sampled from a shallow multi-PV Stockfish search with a per-player depth and temperature, and
-now and then a "plausible blunder" is injected: a move that looks fine at the player's horizon but loses at a
-deeper search. Puzzle games are then scanned for puzzle positions by three rules (modes):
+then every move is sampled from a shallow multi-PV Stockfish search with a per-player temperature, and now and
+then (at a per-player rate) a "plausible blunder" is injected: a move among the best few at the player's horizon
+(1-3 plies) that loses at least 3 pawns a few plies deeper. Puzzle games are then searched for puzzle positions by
+three rules (modes):
 
   lichess    lichess-puzzler's rules: the opponent's move was a mistake (win-chance jump >= 0.6 to >= +200, or a
              mate), every solver move is an only-move (win-chance gap 0.7, or a mate in one), mate and advantage
@@ -21,8 +22,10 @@ import argparse
 import json
 import math
 import multiprocessing
+import multiprocessing.util
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -74,8 +77,8 @@ def default_generator_config():
     cfg.temperatures_cp = (10, 25, 50, 100)
     cfg.blunder_rates = (0.03, 0.06, 0.12)  # per move, after the book
     cfg.horizons = (1, 2, 3)
-    cfg.blunder_candidates = 8  # the top moves at the horizon that a blunder is drawn from
-    cfg.blunder_lookahead = 5  # plies beyond the horizon that expose the blunder
+    cfg.blunder_candidates = 6  # the top moves at the horizon that a blunder is drawn from
+    cfg.blunder_lookahead = 4  # plies beyond the horizon that expose the blunder
     cfg.plausible_margin_cp = 400
     cfg.blunder_drop_cp = 300
     cfg.max_plies = 200
@@ -546,9 +549,10 @@ class _GameScan:
         self.after_blunder = {p + 1 for p in played["blunders"]}
         self.engine = engine
         self.cfg = cfg
-        self.balance = {}
+        self.balance, self.fens = {}, []
         board = chess.Board()
         for ply, move in enumerate(self.moves):
+            self.fens.append(board.fen())
             if ply >= cfg.min_puzzle_ply and board.legal_moves.count() >= 2:
                 self.balance[ply] = _balance(board, board.turn)
             board.push(chess.Move.from_uci(move))
@@ -556,8 +560,13 @@ class _GameScan:
     def plies(self):
         return sorted(self.balance)
 
-    def board(self, ply):
-        return board_after(self.moves[:ply])
+    def board(self, ply, full_history=False):
+        """The position before move `ply`; its move stack holds the opponent's last move (or the whole game)."""
+        if full_history:
+            return board_after(self.moves[:ply])
+        board = chess.Board(self.fens[ply - 1])
+        board.push(chess.Move.from_uci(self.moves[ply - 1]))
+        return board
 
 
 def _candidates(game, modes):
@@ -657,7 +666,7 @@ def _lichess_puzzle(game, ply):
     """Builds a lichess-puzzler line from `ply`: only-moves for the solver, the engine's best replies."""
     cfg = game.cfg
     branch = _lichess_branch(game, ply)
-    board = game.board(ply)
+    board = game.board(ply, full_history=True)  # for the repetition test
     history = list(game.moves[:ply])
     line, forced, first = [], [], None
     game.engine.new_game()
@@ -684,7 +693,7 @@ def _lichess_puzzle(game, ply):
         return None
     if len(line) % 2 == 0:  # end on a solver move
         line = line[:-1]
-    while line and forced[(len(line) - 1) // 2]:  # ... that had an alternative
+    while branch == "advantage" and line and forced[(len(line) - 1) // 2]:  # ... that had an alternative
         line = line[:-2]
     if not line or (len(line) == 1 and not cfg.lichess_allow_one_move):
         return None
@@ -716,7 +725,9 @@ def find_puzzles(played, engine, cfg, modes):
 _WORKER = {}
 
 
-def _init_worker(cfg_dict, engine_path):
+def _init_worker(cfg_dict, engine_path, in_pool=False):
+    if in_pool:  # quit the engine (and wait for it) when the worker exits
+        multiprocessing.util.Finalize(None, _close_worker, exitpriority=10)
     cfg = ml_collections.ConfigDict(cfg_dict)
     _WORKER["cfg"] = cfg
     _WORKER["engine"] = UciEngine(engine_path) if engine_path else None
@@ -756,7 +767,7 @@ class _Runner:
         self.pool = None
         if cfg.workers > 1:
             context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(cfg.workers, initializer=_init_worker, initargs=args)
+            self.pool = context.Pool(cfg.workers, initializer=_init_worker, initargs=args + (True,))
         else:
             _init_worker(*args)
 
@@ -861,16 +872,32 @@ def check_disjoint(corpus, puzzles):
     prefixes.pop("", None)
     overlaps = []
     for index, text in enumerate(corpus):
-        sans = chess_data.parse_transcript(text)
-        for length in range(1, len(sans) + 1):
-            for puzzle_id in prefixes.get(" ".join(sans[:length]), ()):
-                overlaps.append((index, puzzle_id))
+        prefix = ""
+        for san in chess_data.parse_transcript(text):
+            prefix = f"{prefix} {san}" if prefix else san
+            overlaps.extend((index, puzzle_id) for puzzle_id in prefixes.get(prefix, ()))
     return overlaps
 
 
 def _rating_histogram(rows):
     return dict(sorted(Counter(f"{200 * (r['Rating'] // 200)}-{200 * (r['Rating'] // 200) + 199}"
                                for r in rows).items(), key=lambda kv: int(kv[0].split("-")[0])))
+
+
+def _solution_features(rows):
+    """Shares of puzzles whose first solution move captures, takes the piece that just moved, checks, is quiet."""
+    counts = Counter()
+    for row in rows:
+        board = chess.Board(row["FEN"])
+        opponent, *solution = [chess.Move.from_uci(m) for m in row["Moves"].split()]
+        board.push(opponent)
+        move = solution[0]
+        capture, check = board.is_capture(move), board.gives_check(move)
+        counts["capture"] += capture
+        counts["takes_piece_that_just_moved"] += capture and move.to_square == opponent.to_square
+        counts["check"] += check
+        counts["quiet"] += not capture and not check
+    return {k: round(v / max(1, len(rows)), 3) for k, v in sorted(counts.items())}
 
 
 def _split_stats(rows):
@@ -883,13 +910,20 @@ def _split_stats(rows):
         "modes": dict(modes),
         "themes": dict(themes.most_common()),
         "rating_histogram": _rating_histogram(rows),
+        "solution_features": _solution_features(rows),
         "rating_quartiles": [ratings[int(q * (len(ratings) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)] if rows else [],
     }
 
 
+def _cpu_seconds():
+    """CPU time of this process and its finished children (the workers and their engines)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def generate(cfg, log=print, command=None):
     """Generates {"train": rows, "test": rows, "corpus": texts, "stats": dict} (see the module docstring)."""
-    start = time.time()
+    start, cpu_start = time.time(), _cpu_seconds()
     modes = tuple(cfg.modes)
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -918,6 +952,7 @@ def generate(cfg, log=print, command=None):
         "command": command or " ".join(sys.argv),
         "seconds": round(time.time() - start, 1),
         "puzzle_seconds": round(puzzle_seconds, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu_start, 1),
         "stockfish": engine_path and _engine_version(engine_path),
         "book": cfg.book if cfg.book and os.path.exists(cfg.book) else None,
         "puzzle_games_played": len(games),

@@ -1,0 +1,275 @@
+"""Per-device memory of the real train step on a mesh, from XLA's own compilation: no accelerator, no weights.
+
+    python bench/memory.py --config=configs/chess.py:llama2 --devices=16 --mesh.fsdp=16 \
+        --model=llama2-13b --remat=full --batch=32 --microbatches=2 --hbm_gib=32
+
+The script fakes `--devices` CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set before jax is
+imported), builds the ('data', 'fsdp', 'tensor') mesh, and lowers and compiles the same train step the pipeline
+runs (`train.make_choice_step` with the config's loss, optimizer, dtypes, scan_layers and remat; the state donated)
+on abstract inputs: `jax.ShapeDtypeStruct`s carrying their shardings, so nothing is allocated. The model is a
+preset of `w2s_jax/models/presets.py` (the architecture of the HF checkpoint the config would load).
+
+It prints, per device, what `compiled.memory_analysis()` reports (arguments = params + optimizer state + batch,
+outputs, aliased bytes, temporaries) with total = arguments + outputs - aliased + temporaries, next to the
+analytic split of the arguments computed from the shardings, and whether the total fits `--hbm_gib`.
+The LAST line is one JSON object with every number.
+
+What the CPU compile does not see: TPU/GPU layout padding (tiled minor dims), allocator fragmentation, the
+runtime's own buffers and XLA's different scheduling per backend. Leave headroom (see docs/SCALING.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+GIB = 1 << 30
+MESH_AXES = ("data", "fsdp", "tensor")  # as w2s_jax.parallel.MESH_AXES (not imported: it imports jax)
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/chess.py:llama2", "Experiment config file[:preset].",
+                                          lock_config=True)
+_DEVICES = flags.DEFINE_integer("devices", 8, "Number of (virtual CPU) devices of the mesh.")
+_MESH = {axis: flags.DEFINE_integer(f"mesh.{axis}", None, f"Size of the '{axis}' mesh axis (-1: the rest); "
+                                                           "default: the config's mesh.") for axis in MESH_AXES}
+_MODEL = flags.DEFINE_string("model", None, "Model preset (presets.py); default: <preset_family>-13b for the "
+                                            "llama1/llama2 configs, else the config's largest preset.")
+_REMAT = flags.DEFINE_string("remat", None, "Remat policy: none, full, dots or dots_no_batch; default: the config's.")
+_SCAN = flags.DEFINE_bool("scan_layers", None, "Scan over layers; default: the config's model_defaults.")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch size; default: config train.batch_size.")
+_MICRO = flags.DEFINE_integer("microbatches", None, "Microbatches per step; default: config train.microbatches.")
+_SEQ = flags.DEFINE_integer("seq", None, "Sequence length L; default: config task.max_len.")
+_SCORED = flags.DEFINE_integer("scored", None, "choice_lm: scored candidate tokens T per example; default: L "
+                                               "(the upper bound: every token after the prompt is a candidate's).")
+_CANDIDATES = flags.DEFINE_integer("candidates", None, "Candidates K per example; default: 64 for choice_lm "
+                                                       "(chess legal moves, bucketed), 2 otherwise.")
+_LOSS = flags.DEFINE_string("loss", None, "Training loss; default: the first of config experiment.losses.")
+_HBM = flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB; reports whether the step fits.")
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+def force_host_devices(n: int, environ=os.environ) -> None:
+    """Make the CPU backend expose `n` devices (any earlier device count in XLA_FLAGS is replaced). Call before
+    jax initialises its backends."""
+    if n < 1:
+        raise ValueError(f"--devices={n}: need at least one device")
+    kept = re.sub(r"--xla_force_host_platform_device_count=\S+", "", environ.get("XLA_FLAGS", "")).split()
+    environ["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
+    environ["JAX_PLATFORMS"] = "cpu"
+
+
+def fits(per_device_bytes: int, hbm_gib: float | None) -> bool | None:
+    """Whether the per-device total fits `hbm_gib` GiB (None when no HBM size was given)."""
+    if hbm_gib is None:
+        return None
+    return per_device_bytes <= hbm_gib * GIB
+
+
+def default_model(cfg) -> str:
+    """The biggest model a config trains: <family>-13b for the llama presets, else its largest `preset`."""
+    from w2s_jax.models import presets
+    family = cfg.get("preset_family", "")
+    if family:
+        return f"{family}-13b"
+    names = [m.preset for m in cfg.models.values() if m.get("preset", "")]
+    if not names:
+        raise ValueError("the config names no model preset; pass --model=<preset>")
+    return max(names, key=lambda n: presets.get_preset(n).num_params)
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:8.3f} GiB"
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def plan_from_flags(cfg) -> dict:
+    """Every choice of the measurement, from the flags with the config's values as defaults."""
+    mesh = {axis: int(cfg.mesh.get(axis, 1)) for axis in MESH_AXES}
+    mesh.update({axis: f.value for axis, f in _MESH.items() if f.value is not None})
+    scoring = cfg.task.scoring
+    seq = _SEQ.value or int(cfg.task.max_len)
+    losses = [s.strip() for s in cfg.experiment.losses.split(",") if s.strip()] or ["xent"]
+    md = cfg.model_defaults
+    return {
+        "devices": _DEVICES.value, "mesh": mesh, "model": _MODEL.value or default_model(cfg),
+        "remat": _REMAT.value or md.remat_policy,
+        "scan_layers": bool(md.scan_layers if _SCAN.value is None else _SCAN.value),
+        "dtype": md.dtype, "param_dtype": md.param_dtype, "scoring": scoring,
+        "optimizer": cfg.train.optimizer, "loss": _LOSS.value or losses[0],
+        "batch": _BATCH.value or int(cfg.train.batch_size),
+        "microbatches": _MICRO.value or int(cfg.train.microbatches or 1),
+        "seq": seq, "scored": _SCORED.value or seq,
+        "candidates": _CANDIDATES.value or (64 if scoring == "choice_lm" else 2),
+        "hbm_gib": _HBM.value,
+    }
+
+
+def check_plan(plan: dict, mesh_shape: tuple[int, ...]) -> list[str]:
+    """Errors for a batch the step cannot split; notes for one that splits unevenly over the batch devices."""
+    b, n = plan["batch"], plan["microbatches"]
+    if n < 1 or b % n:
+        raise ValueError(f"--batch={b} is not a multiple of --microbatches={n}")
+    batch_devices = mesh_shape[0] * mesh_shape[1]  # the 'batch' rule: ('data', 'fsdp')
+    if b % batch_devices:
+        raise ValueError(f"--batch={b} is not a multiple of the {batch_devices} devices of the batch axes data x "
+                         f"fsdp = {mesh_shape[0]} x {mesh_shape[1]}, over which every batch is split; use a larger "
+                         "batch or move devices to --mesh.tensor")
+    if (b // n) % batch_devices:
+        return [f"each microbatch has {b // n} examples (--batch={b} / --microbatches={n}), not a multiple of the "
+                f"{batch_devices} devices of the batch axes data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}: XLA "
+                "pads the batch, so some devices compute on padding; prefer fewer microbatches, a larger batch "
+                "or a larger --mesh.tensor"]
+    return []
+
+
+def model_config(plan: dict):
+    from w2s_jax.models import presets
+    try:
+        return presets.get_preset(plan["model"], dtype=plan["dtype"], param_dtype=plan["param_dtype"],
+                                  scan_layers=plan["scan_layers"], remat_policy=plan["remat"],
+                                  max_position_embeddings=max(plan["seq"], presets.get_preset(
+                                      plan["model"]).max_position_embeddings))
+    except ValueError as e:
+        raise ValueError(f"--model / --remat: {e}") from None
+
+
+def example_batch(plan: dict) -> dict:
+    """A host batch of the planned shapes, built by the pipeline's own `collate` (so keys and dtypes match)."""
+    from w2s_jax.data import batching
+    item = {"src": 0, "prompt": [1], "cands": [[2]], "length": 2}
+    return batching.collate([item], plan["scoring"], None, plan["batch"], plan["candidates"], plan["seq"],
+                            plan["scored"])
+
+
+def shard_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree` under `shardings` (the largest shard, as XLA allocates)."""
+    import jax
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    return total
+
+
+def full_bytes(tree) -> int:
+    import jax
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------------------------------------------ compile + measure
+def measure(cfg, plan: dict) -> dict:
+    """Compile the train step for `plan` on abstract sharded inputs and collect XLA's per-device memory analysis."""
+    import jax
+    import numpy as np
+
+    from w2s_jax import losses as losses_lib
+    from w2s_jax import parallel
+    from w2s_jax import train as train_lib
+    from w2s_jax.models import heads
+
+    if jax.device_count() != plan["devices"]:
+        raise RuntimeError(f"jax sees {jax.device_count()} devices, not --devices={plan['devices']}: was jax "
+                           "initialised before XLA_FLAGS was set?")
+    mesh_shape = parallel.mesh_shape(plan["mesh"], plan["devices"])
+    plan["mesh"] = dict(zip(MESH_AXES, mesh_shape))
+    plan_notes = check_plan(plan, mesh_shape)
+    lcfg = model_config(plan)
+    runtime = train_lib.make_runtime(plan["mesh"], list(cfg.logical_rules) or None)
+    tx = train_lib.make_optimizer(cfg.train, total_steps=1000, lr=float(cfg.train.lr))
+    loss = losses_lib.get(plan["loss"], **dict(cfg.losses.get(plan["loss"], {})))
+    n_head = heads.head_outputs(plan["scoring"], plan["candidates"])
+    head = None if n_head == 0 else {"kernel": jax.ShapeDtypeStruct((lcfg.hidden_size, n_head),
+                                                                    np.dtype(lcfg.param_dtype))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        abstract, shardings = train_lib.state_shardings(lcfg, head, tx, runtime)
+    notes = plan_notes + [str(w.message) for w in caught]
+
+    batch = example_batch(plan)
+    batch_sharding = runtime.batch_sharding
+    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
+    step_fn = train_lib.make_choice_step(lcfg, plan["scoring"], loss, tx, 1000, plan["microbatches"])
+    # The same jit as train.jit_step (which returns a plain wrapper with no `.lower`).
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, runtime.replicated),
+                     donate_argnums=0)
+    t0 = time.perf_counter()
+    with runtime.tracing():
+        compiled = jitted.lower(state_in, batch_in).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+
+    batch_shardings = {k: batch_sharding for k in batch}
+    analytic = {"params": shard_bytes(abstract.params, shardings.params),
+                "opt_state": shard_bytes(abstract.opt_state, shardings.opt_state),
+                "step": shard_bytes(abstract.step, shardings.step),
+                "batch": shard_bytes(batch_in, batch_shardings)}
+    compiled_bytes = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                      "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+                      "generated_code": int(mem.generated_code_size_in_bytes)}
+    per_device = (compiled_bytes["arguments"] + compiled_bytes["outputs"] - compiled_bytes["aliased"]
+                  + compiled_bytes["temporaries"])
+    total_param_bytes = full_bytes(abstract.params)
+    return {
+        **plan,
+        "num_params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))),
+        "total_param_bytes": total_param_bytes,
+        "total_opt_state_bytes": full_bytes(abstract.opt_state),
+        "per_device_analytic": analytic,
+        "per_device_compiled": compiled_bytes,
+        "per_device_bytes": per_device,
+        "per_device_gib": round(per_device / GIB, 4),
+        "hbm_fraction": None if plan["hbm_gib"] is None else round(per_device / (plan["hbm_gib"] * GIB), 4),
+        "fits": fits(per_device, plan["hbm_gib"]),
+        "compile_s": round(compile_s, 1),
+        "platform": jax.devices()[0].platform,
+        "jax": jax.__version__,
+        "notes": notes,
+    }
+
+
+def print_report(r: dict) -> None:
+    a, c = r["per_device_analytic"], r["per_device_compiled"]
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    print(f"model {r['model']} ({r['num_params'] / 1e9:.3f}B params, {r['param_dtype']} params, {r['dtype']} "
+          f"compute, scan_layers={r['scan_layers']}, remat={r['remat']}), {r['optimizer']}, loss {r['loss']}")
+    print(f"mesh {mesh} on {r['devices']} devices; batch {r['batch']} in {r['microbatches']} microbatches, "
+          f"L={r['seq']}, T={r['scored']}, K={r['candidates']} ({r['scoring']})")
+    print(f"all devices: params {gib(r['total_param_bytes'])}, optimizer state {gib(r['total_opt_state_bytes'])}")
+    print("per device, analytic from the shardings:")
+    for key in ("params", "opt_state", "batch"):
+        print(f"  {key:<15}{gib(a[key])}")
+    print("per device, XLA memory analysis of the compiled step:")
+    for key in ("arguments", "outputs", "aliased", "temporaries"):
+        print(f"  {key:<15}{gib(c[key])}")
+    print(f"  {'total':<15}{gib(r['per_device_bytes'])}   (arguments + outputs - aliased + temporaries)")
+    if r["hbm_gib"] is not None:
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        print(f"{verdict} in {r['hbm_gib']} GiB per device ({100 * r['hbm_fraction']:.1f}% used)")
+    for note in r["notes"]:
+        print(f"note: {note}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        force_host_devices(_DEVICES.value)
+        cfg = _CONFIG.value
+        plan = plan_from_flags(cfg)
+        result = measure(cfg, plan)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print_report(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
