@@ -35,24 +35,30 @@ from ml_collections import config_flags  # noqa: E402
 GIB = 1 << 30
 MESH_AXES = ("data", "fsdp", "tensor")  # as w2s_jax.parallel.MESH_AXES (not imported: it imports jax)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/chess.py:llama2", "Experiment config file[:preset].",
-                                          lock_config=True)
-_DEVICES = flags.DEFINE_integer("devices", 8, "Number of (virtual CPU) devices of the mesh.")
-_MESH = {axis: flags.DEFINE_integer(f"mesh.{axis}", None, f"Size of the '{axis}' mesh axis (-1: the rest); "
-                                                           "default: the config's mesh.") for axis in MESH_AXES}
-_MODEL = flags.DEFINE_string("model", None, "Model preset (presets.py); default: <preset_family>-13b for the "
-                                            "llama1/llama2 configs, else the config's largest preset.")
-_REMAT = flags.DEFINE_string("remat", None, "Remat policy: none, full, dots or dots_no_batch; default: the config's.")
-_SCAN = flags.DEFINE_bool("scan_layers", None, "Scan over layers; default: the config's model_defaults.")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch size; default: config train.batch_size.")
-_MICRO = flags.DEFINE_integer("microbatches", None, "Microbatches per step; default: config train.microbatches.")
-_SEQ = flags.DEFINE_integer("seq", None, "Sequence length L; default: config task.max_len.")
-_SCORED = flags.DEFINE_integer("scored", None, "choice_lm: scored candidate tokens T per example; default: L "
-                                               "(the upper bound: every token after the prompt is a candidate's).")
-_CANDIDATES = flags.DEFINE_integer("candidates", None, "Candidates K per example; default: 64 for choice_lm "
-                                                       "(chess legal moves, bucketed), 2 otherwise.")
-_LOSS = flags.DEFINE_string("loss", None, "Training loss; default: the first of config experiment.losses.")
-_HBM = flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB; reports whether the step fits.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined on demand, so that tests can import the helpers without absl flags)."""
+    config_flags.DEFINE_config_file("config", "configs/chess.py:llama2", "Experiment config file[:preset].",
+                                    lock_config=True)
+    flags.DEFINE_integer("devices", 8, "Number of (virtual CPU) devices of the mesh.")
+    for axis in MESH_AXES:
+        flags.DEFINE_integer(f"mesh.{axis}", None, f"Size of the '{axis}' mesh axis (-1: the rest); default: the "
+                                                    "config's mesh.")
+    flags.DEFINE_string("model", None, "Model preset (presets.py); default: <preset_family>-13b for the "
+                                       "llama1/llama2 configs, else the config's largest preset.")
+    flags.DEFINE_string("remat", None, "Remat policy: none, full, dots or dots_no_batch; default: the config's.")
+    flags.DEFINE_bool("scan_layers", None, "Scan over layers; default: the config's model_defaults.")
+    flags.DEFINE_integer("batch", None, "Global batch size; default: config train.batch_size.")
+    flags.DEFINE_integer("microbatches", None, "Microbatches per step; default: config train.microbatches.")
+    flags.DEFINE_integer("seq", None, "Sequence length L; default: config task.max_len.")
+    flags.DEFINE_integer("scored", None, "choice_lm: scored candidate tokens T per example; default: L (the upper "
+                                         "bound: every token after the prompt belongs to a candidate).")
+    flags.DEFINE_integer("candidates", None, "Candidates K per example; default: 64 for choice_lm (chess legal "
+                                             "moves, bucketed), 2 otherwise.")
+    flags.DEFINE_string("loss", None, "Training loss; default: the first of config experiment.losses.")
+    flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB; reports whether the step fits.")
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -93,22 +99,22 @@ def gib(n: int) -> str:
 def plan_from_flags(cfg) -> dict:
     """Every choice of the measurement, from the flags with the config's values as defaults."""
     mesh = {axis: int(cfg.mesh.get(axis, 1)) for axis in MESH_AXES}
-    mesh.update({axis: f.value for axis, f in _MESH.items() if f.value is not None})
+    mesh.update({axis: FLAGS[f"mesh.{axis}"].value for axis in MESH_AXES if FLAGS[f"mesh.{axis}"].value is not None})
     scoring = cfg.task.scoring
-    seq = _SEQ.value or int(cfg.task.max_len)
+    seq = FLAGS.seq or int(cfg.task.max_len)
     losses = [s.strip() for s in cfg.experiment.losses.split(",") if s.strip()] or ["xent"]
     md = cfg.model_defaults
     return {
-        "devices": _DEVICES.value, "mesh": mesh, "model": _MODEL.value or default_model(cfg),
-        "remat": _REMAT.value or md.remat_policy,
-        "scan_layers": bool(md.scan_layers if _SCAN.value is None else _SCAN.value),
+        "devices": FLAGS.devices, "mesh": mesh, "model": FLAGS.model or default_model(cfg),
+        "remat": FLAGS.remat or md.remat_policy,
+        "scan_layers": bool(md.scan_layers if FLAGS.scan_layers is None else FLAGS.scan_layers),
         "dtype": md.dtype, "param_dtype": md.param_dtype, "scoring": scoring,
-        "optimizer": cfg.train.optimizer, "loss": _LOSS.value or losses[0],
-        "batch": _BATCH.value or int(cfg.train.batch_size),
-        "microbatches": _MICRO.value or int(cfg.train.microbatches or 1),
-        "seq": seq, "scored": _SCORED.value or seq,
-        "candidates": _CANDIDATES.value or (64 if scoring == "choice_lm" else 2),
-        "hbm_gib": _HBM.value,
+        "optimizer": cfg.train.optimizer, "loss": FLAGS.loss or losses[0],
+        "batch": FLAGS.batch or int(cfg.train.batch_size),
+        "microbatches": FLAGS.microbatches or int(cfg.train.microbatches or 1),
+        "seq": seq, "scored": FLAGS.scored or seq,
+        "candidates": FLAGS.candidates or (64 if scoring == "choice_lm" else 2),
+        "hbm_gib": FLAGS.hbm_gib,
     }
 
 
@@ -261,8 +267,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        force_host_devices(_DEVICES.value)
-        cfg = _CONFIG.value
+        force_host_devices(FLAGS.devices)
+        cfg = FLAGS.config
         plan = plan_from_flags(cfg)
         result = measure(cfg, plan)
     except ValueError as e:
@@ -272,4 +278,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

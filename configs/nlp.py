@@ -24,6 +24,7 @@ def get_nlp_config(name: str, preset: str):
         c.models.weak = model(preset="micro-s", lr=1e-3)
         c.models.strong = model(preset="micro-m", lr=1e-3)
         c.pretrain.update(steps=20, batch_size=16, seq_len=128)
+        c.genft.update(steps=10, batch_size=8, seq_len=64)
         c.train.update(batch_size=16, epochs=1.0, checkpoint_every=4)
         c.eval.batch_size = 32
     elif preset == "tiny":

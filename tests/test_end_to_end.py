@@ -1,0 +1,102 @@
+"""End to end through launch/main.py: every reported number recomputes from the written predictions."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from w2s_jax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "main.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+                          timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch/main.py {args} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def check_results_consistent(workdir):
+    """results.json agrees with predictions/*.jsonl: accuracy, PGR, agreement and error agreement."""
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    preds = {}
+    for run in results["runs"]:
+        rows = metrics.read_predictions(os.path.join(workdir, "predictions", f"{run['name']}.jsonl"))
+        assert run["accuracy"] == pytest.approx(metrics.accuracy_from_predictions(rows), abs=1e-12)
+        preds[run["name"]] = rows
+    by_name = {r["name"]: r for r in results["runs"]}
+    for run in results["runs"]:
+        if run["role"] != "student":
+            continue
+        weak = by_name[f"gt_{run['supervisor']}"]["accuracy"]
+        ceiling = by_name[f"gt_{run['model']}"]["accuracy"]
+        if run["method"] != "probe":
+            assert run["pgr"] == (None if ceiling <= weak else pytest.approx((run["accuracy"] - weak) /
+                                                                               (ceiling - weak)))
+        direct = run["direct_supervisor"]
+        sup_rows = preds.get(f"gt_{direct}") or next(
+            preds[r["name"]] for r in results["runs"] if r["model"] == direct and r["method"] == run["method"])
+        stu = [r["prediction"] for r in preds[run["name"]]]
+        sup = [r["prediction"] for r in sup_rows]
+        assert run["agreement"] == pytest.approx(sum(a == b for a, b in zip(stu, sup)) / len(stu))
+        wrong = [i for i, r in enumerate(sup_rows) if not r["correct"]]
+        if wrong:
+            assert run["error_agreement"] == pytest.approx(sum(stu[i] == sup[i] for i in wrong) / len(wrong))
+    assert os.path.isfile(os.path.join(workdir, "results.md"))
+    assert os.listdir(os.path.join(workdir, "plots"))
+    return results
+
+
+def write_sciq(path, n, seed):
+    """A sciq-shaped file (the dataset's real columns) whose answers follow a learnable rule."""
+    r = random.Random(seed)
+    topics = ["cell", "atom", "planet", "river", "enzyme", "magnet", "volcano", "photon", "glacier", "protein"]
+    with open(path, "w") as f:
+        for i in range(n):
+            t = r.choice(topics)
+            others = [f"the {o} answer" for o in topics if o != t]
+            f.write(json.dumps({"question": f"What is special about the {t} in case {i % 7}?",
+                                "correct_answer": f"the {t} answer", "distractor1": r.choice(others),
+                                "distractor2": r.choice(others), "distractor3": r.choice(others),
+                                "support": ""}) + "\n")
+
+
+def test_sciq_local_files_end_to_end_with_every_method(tmp_path):
+    write_sciq(tmp_path / "train.jsonl", 400, 0)
+    write_sciq(tmp_path / "test.jsonl", 80, 1)
+    workdir = str(tmp_path / "run")
+    args = ["--config=configs/sciq.py:smoke", f"--workdir={workdir}",
+            f"--config.task.data_files=train={tmp_path}/train.jsonl,test={tmp_path}/test.jsonl",
+            "--config.experiment.methods=probe,finetune_probe,genft,zero_shot,few_shot",
+            "--config.genft.steps=4", "--config.pretrain.steps=10"]
+    first = run_main(*args)
+    results = check_results_consistent(workdir)
+    methods = {r["method"] for r in results["runs"]}
+    assert {"ground_truth", "xent", "logconf", "probe", "finetune_probe", "genft+xent", "zero_shot",
+            "few_shot"} <= methods
+    assert "Weak-to-strong results" in first.stdout
+    # A rerun skips every stage and reports the same numbers.
+    second = run_main(*args)
+    assert "training" not in second.stderr
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["runs"] == results["runs"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.experiment.chains=weak->huge->strong", "unknown model 'huge'"),
+    ("--config.models.weak.source=hf", "models.weak.checkpoint is empty"),
+    ("--config.experiment.losses=xent,nope", "nope"),
+    ("--config.train.bogus=1", "--config.train.bogus"),
+    ("--config.experiment.methods=probe,magic", "unknown method 'magic'"),
+])
+def test_bad_config_fails_with_one_clear_message(tmp_path, override, message):
+    proc = run_main("--config=configs/chess.py:smoke", f"--workdir={tmp_path}", override, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
