@@ -23,6 +23,7 @@ def _cached_result(exp, name, compute):
             return json.load(f)
     result = compute()
     exp._write_json(path, result)
+    train_lib.barrier(f"done {name}")
     return result
 
 

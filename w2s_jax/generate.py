@@ -14,6 +14,7 @@ import numpy as np
 
 from w2s_jax.data.batching import bucket
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from w2s_jax.train import to_host
 
 
 def make_greedy_fn(cfg: LlamaConfig, runtime, param_shardings, max_new_tokens: int):
@@ -44,7 +45,7 @@ def make_greedy_fn(cfg: LlamaConfig, runtime, param_shardings, max_new_tokens: i
 
     def run(params, ids, mask):
         with runtime.tracing():
-            return np.asarray(jitted(params, *runtime.put_batch((ids, mask))))
+            return to_host(jitted(params, *runtime.put_batch((ids, mask))))
     return run
 
 

@@ -228,7 +228,8 @@ class Experiment:
                                   scan_layers=self.cfg.model_defaults.scan_layers,
                                   remat_policy=self.cfg.model_defaults.remat_policy)
         rng = jax.random.PRNGKey(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
-        init = jax.jit(lambda r: nn.meta.unbox(train_lib.LlamaForCausalLM(lcfg).init(r, np.zeros((1, 8), np.int32))))
+        init = jax.jit(lambda r: nn.meta.unbox(train_lib.LlamaForCausalLM(lcfg).init(r, np.zeros((1, 8), np.int32))),
+                       out_shardings={"params": train_lib.lm_param_shardings(lcfg, self.runtime)})
         pcfg = pcfg.copy_and_resolve_references()
         pcfg.steps = int(m.get("pretrain_steps", 0) or pcfg.steps)
         self.lm_train(f"pretrain_{name}", lcfg, {"lm": init(rng)["params"]}, self.corpus, pcfg, out)
@@ -253,6 +254,7 @@ class Experiment:
         convert.save_hf(lcfg, state.params["lm"], out_dir)  # every process calls it; process 0 writes
         if self.is_main:
             tok.save_pretrained(out_dir)
+        train_lib.barrier(f"saved {out_dir}")
 
     def load_model(self, name: str):
         md = self.cfg.model_defaults
@@ -352,6 +354,7 @@ class Experiment:
                     np.save(path, feats)
                 result["features"][split] = path
         self._write_json(done_file, result)
+        train_lib.barrier(f"done {run}")  # labels and features written by process 0 are read next by all
         return result
 
     def test_predictions(self, lcfg, predict, state, shardings):

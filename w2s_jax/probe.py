@@ -23,6 +23,7 @@ from flax import struct
 from w2s_jax import parallel
 from w2s_jax.data import batching
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from w2s_jax.train import to_host
 
 
 class ProbeParams(struct.PyTreeNode):
@@ -100,7 +101,7 @@ def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer
         host = batching.collate(chunk, "classify", batch_size=batch_size)
         batch = {k: host[k] for k in ("input_ids", "attention_mask", "last_index")}
         with runtime.tracing():
-            feats = np.asarray(jitted(params, runtime.put_batch(batch)))
+            feats = to_host(jitted(params, runtime.put_batch(batch)))
         out[idx] = feats[:len(idx)]
     return out
 

@@ -79,6 +79,18 @@ class Runtime:
         return jax.tree.map(one, batch)
 
 
+def to_host(x) -> np.ndarray:
+    """A replicated global array as numpy on every process (multi-host arrays are not fully addressable)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (after process 0 wrote files that all of them read next)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def make_runtime(mesh_cfg=None, rules=None, devices=None) -> Runtime:
     return Runtime(parallel.make_mesh(mesh_cfg, devices), parallel.resolve_rules(rules))
 
@@ -231,7 +243,7 @@ def make_predict_fn(cfg: LlamaConfig, scoring: str, runtime: Runtime, param_shar
 
     def run(params, host_batch):
         with runtime.tracing():
-            return np.asarray(jitted(params, runtime.put_batch(host_batch)))
+            return to_host(jitted(params, runtime.put_batch(host_batch)))
     return run
 
 
@@ -320,12 +332,13 @@ def run_loop(*, state, abstract_state, shardings, step_fn: Callable, get_batch: 
             evaluate(0)
         for step in range(start, num_steps):
             state, metrics = step_fn(state, runtime.put_batch(get_batch(step)))
+            metrics = {k: float(to_host(v)) for k, v in metrics.items()}
             done = step + 1
             loop["step"] = done
             if writer is not None:
-                writer.write(done, {k: float(v) for k, v in metrics.items()})
+                writer.write(done, metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if eval_fn and eval_every and (done % eval_every == 0 or done == num_steps):
                 evaluate(done)
             if (checkpoint_every and done % checkpoint_every == 0) or done == num_steps:
