@@ -118,22 +118,30 @@ def plan_from_flags(cfg) -> dict:
     }
 
 
-def check_plan(plan: dict, mesh_shape: tuple[int, ...]) -> list[str]:
-    """Errors for a batch the step cannot split; notes for one that splits unevenly over the batch devices."""
+def check_plan(plan: dict, batch_devices: int, batch_axes: str) -> list[str]:
+    """Errors for a batch the step cannot split; notes for a microbatch that splits unevenly over the devices
+    that share the batch dimension (`batch_axes`, e.g. "data x fsdp = 1 x 16")."""
     b, n = plan["batch"], plan["microbatches"]
     if n < 1 or b % n:
         raise ValueError(f"--batch={b} is not a multiple of --microbatches={n}")
-    batch_devices = mesh_shape[0] * mesh_shape[1]  # the 'batch' rule: ('data', 'fsdp')
     if b % batch_devices:
-        raise ValueError(f"--batch={b} is not a multiple of the {batch_devices} devices of the batch axes data x "
-                         f"fsdp = {mesh_shape[0]} x {mesh_shape[1]}, over which every batch is split; use a larger "
-                         "batch or move devices to --mesh.tensor")
+        raise ValueError(f"--batch={b} is not a multiple of the {batch_devices} devices of the batch axes "
+                         f"{batch_axes}, over which every batch is split; use a larger batch or move devices to "
+                         "--mesh.tensor")
     if (b // n) % batch_devices:
         return [f"each microbatch has {b // n} examples (--batch={b} / --microbatches={n}), not a multiple of the "
-                f"{batch_devices} devices of the batch axes data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}: XLA "
-                "pads the batch, so some devices compute on padding; prefer fewer microbatches, a larger batch "
-                "or a larger --mesh.tensor"]
+                f"{batch_devices} devices of the batch axes {batch_axes}: some devices compute on padding; prefer "
+                "fewer microbatches, a larger batch or a larger --mesh.tensor"]
     return []
+
+
+def batch_axes(runtime) -> tuple[int, str]:
+    """(number of devices the batch dimension is split over, their description) under the runtime's rules."""
+    axes = runtime.batch_sharding.spec[0] if len(runtime.batch_sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    sizes = [runtime.mesh.shape[a] for a in axes]
+    described = f"{' x '.join(axes) or '(none)'} = {' x '.join(map(str, sizes)) or '1'}"
+    return math.prod(sizes), described
 
 
 def model_config(plan: dict):
@@ -155,13 +163,10 @@ def example_batch(plan: dict) -> dict:
                             plan["scored"])
 
 
-def shard_bytes(tree, shardings) -> int:
-    """Bytes one device holds of `tree` under `shardings` (the largest shard, as XLA allocates)."""
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, as XLA allocates)."""
     import jax
-    total = 0
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        total += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-    return total
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def full_bytes(tree) -> int:
@@ -170,66 +175,75 @@ def full_bytes(tree) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ compile + measure
-def measure(cfg, plan: dict) -> dict:
-    """Compile the train step for `plan` on abstract sharded inputs and collect XLA's per-device memory analysis."""
+def abstract_inputs(cfg, plan: dict, lcfg, runtime):
+    """(optimizer, sharded abstract TrainState, sharded abstract batch, sharding notes), nothing allocated."""
     import jax
     import numpy as np
 
-    from w2s_jax import losses as losses_lib
-    from w2s_jax import parallel
     from w2s_jax import train as train_lib
     from w2s_jax.models import heads
+
+    tx = train_lib.make_optimizer(cfg.train, total_steps=1000, lr=float(cfg.train.lr))
+    n_head = heads.head_outputs(plan["scoring"], plan["candidates"])
+    head = None if n_head == 0 else {"kernel": jax.ShapeDtypeStruct((lcfg.hidden_size, n_head),
+                                                                    np.dtype(lcfg.param_dtype))}
+    with warnings.catch_warnings(record=True) as caught:  # dims the mesh does not divide stay replicated
+        warnings.simplefilter("always")
+        abstract, shardings = train_lib.state_shardings(lcfg, head, tx, runtime)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=runtime.batch_sharding)
+             for k, v in example_batch(plan).items()}
+    return tx, state, batch, [str(w.message) for w in caught]
+
+
+def compile_step(cfg, plan: dict, lcfg, runtime, tx, state, batch):
+    """The pipeline's train step, jitted as `train.jit_step` does (state donated), compiled for abstract inputs."""
+    import jax
+
+    from w2s_jax import losses as losses_lib
+    from w2s_jax import train as train_lib
+
+    loss = losses_lib.get(plan["loss"], **dict(cfg.losses.get(plan["loss"], {})))
+    step_fn = train_lib.make_choice_step(lcfg, plan["scoring"], loss, tx, 1000, plan["microbatches"])
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, runtime.batch_sharding),
+                     out_shardings=(shardings, runtime.replicated), donate_argnums=0)
+    with runtime.tracing():
+        return jitted.lower(state, batch).compile()
+
+
+def measure(cfg, plan: dict) -> dict:
+    """Compile the train step for `plan` on abstract sharded inputs and collect XLA's per-device memory analysis."""
+    import jax
+
+    from w2s_jax import parallel
+    from w2s_jax import train as train_lib
 
     if jax.device_count() != plan["devices"]:
         raise RuntimeError(f"jax sees {jax.device_count()} devices, not --devices={plan['devices']}: was jax "
                            "initialised before XLA_FLAGS was set?")
-    mesh_shape = parallel.mesh_shape(plan["mesh"], plan["devices"])
-    plan["mesh"] = dict(zip(MESH_AXES, mesh_shape))
-    plan_notes = check_plan(plan, mesh_shape)
-    lcfg = model_config(plan)
+    plan["mesh"] = dict(zip(MESH_AXES, parallel.mesh_shape(plan["mesh"], plan["devices"])))
     runtime = train_lib.make_runtime(plan["mesh"], list(cfg.logical_rules) or None)
-    tx = train_lib.make_optimizer(cfg.train, total_steps=1000, lr=float(cfg.train.lr))
-    loss = losses_lib.get(plan["loss"], **dict(cfg.losses.get(plan["loss"], {})))
-    n_head = heads.head_outputs(plan["scoring"], plan["candidates"])
-    head = None if n_head == 0 else {"kernel": jax.ShapeDtypeStruct((lcfg.hidden_size, n_head),
-                                                                    np.dtype(lcfg.param_dtype))}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        abstract, shardings = train_lib.state_shardings(lcfg, head, tx, runtime)
-    notes = plan_notes + [str(w.message) for w in caught]
-
-    batch = example_batch(plan)
-    batch_sharding = runtime.batch_sharding
-    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
-    step_fn = train_lib.make_choice_step(lcfg, plan["scoring"], loss, tx, 1000, plan["microbatches"])
-    # The same jit as train.jit_step (which returns a plain wrapper with no `.lower`).
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, runtime.replicated),
-                     donate_argnums=0)
+    notes = check_plan(plan, *batch_axes(runtime))
+    lcfg = model_config(plan)
+    tx, state, batch, sharding_notes = abstract_inputs(cfg, plan, lcfg, runtime)
     t0 = time.perf_counter()
-    with runtime.tracing():
-        compiled = jitted.lower(state_in, batch_in).compile()
+    mem = compile_step(cfg, plan, lcfg, runtime, tx, state, batch).memory_analysis()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
 
-    batch_shardings = {k: batch_sharding for k in batch}
-    analytic = {"params": shard_bytes(abstract.params, shardings.params),
-                "opt_state": shard_bytes(abstract.opt_state, shardings.opt_state),
-                "step": shard_bytes(abstract.step, shardings.step),
-                "batch": shard_bytes(batch_in, batch_shardings)}
-    compiled_bytes = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-                      "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
-                      "generated_code": int(mem.generated_code_size_in_bytes)}
-    per_device = (compiled_bytes["arguments"] + compiled_bytes["outputs"] - compiled_bytes["aliased"]
-                  + compiled_bytes["temporaries"])
-    total_param_bytes = full_bytes(abstract.params)
+    analytic = {"params": shard_bytes(state.params), "opt_state": shard_bytes(state.opt_state),
+                "step": shard_bytes(state.step), "batch": shard_bytes(batch)}
+    compiled = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+                "generated_code": int(mem.generated_code_size_in_bytes)}
+    per_device = compiled["arguments"] + compiled["outputs"] - compiled["aliased"] + compiled["temporaries"]
     return {
         **plan,
-        "num_params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))),
-        "total_param_bytes": total_param_bytes,
-        "total_opt_state_bytes": full_bytes(abstract.opt_state),
+        "num_params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
+        "total_param_bytes": full_bytes(state.params),
+        "total_opt_state_bytes": full_bytes(state.opt_state),
         "per_device_analytic": analytic,
-        "per_device_compiled": compiled_bytes,
+        "per_device_compiled": compiled,
         "per_device_bytes": per_device,
         "per_device_gib": round(per_device / GIB, 4),
         "hbm_fraction": None if plan["hbm_gib"] is None else round(per_device / (plan["hbm_gib"] * GIB), 4),
@@ -237,7 +251,7 @@ def measure(cfg, plan: dict) -> dict:
         "compile_s": round(compile_s, 1),
         "platform": jax.devices()[0].platform,
         "jax": jax.__version__,
-        "notes": notes,
+        "notes": notes + sharding_notes,
     }
 
 

@@ -48,6 +48,11 @@ def main(argv):
     from w2s_jax.train import Preempted
 
     workdir = _WORKDIR.value or default_workdir(cfg)
+    # Persistent compilation cache: identical programs (same model and shapes in several runs, and every rerun)
+    # compile once.
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(workdir, "jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     try:
         pipeline.validate_config(cfg)
     except ValueError as e:
@@ -58,7 +63,6 @@ def main(argv):
         sys.exit(f"stopped: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; rerun the same command to resume from the last checkpoint")
-    import jax
     if jax.process_index() == 0:
         report.print_table(results)
         print(f"\nresults: {os.path.join(workdir, 'results.json')}, {os.path.join(workdir, 'results.md')}, "

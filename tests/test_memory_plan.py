@@ -34,7 +34,7 @@ def load_module():
 @pytest.fixture(scope="module")
 def plan():
     proc = run_tool("--model=micro-s", "--devices=8", "--mesh.data=1", "--mesh.fsdp=4", "--mesh.tensor=2",
-                    "--batch=8", "--microbatches=2", "--seq=32", "--scored=16", "--candidates=8",
+                    "--batch=8", "--microbatches=1", "--seq=32", "--scored=16", "--candidates=8",
                     f"--hbm_gib={HBM_GIB}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -45,7 +45,7 @@ def test_plan_reports_the_requested_setup(plan):
     assert plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
     assert (plan["model"], plan["remat"], plan["scan_layers"]) == ("micro-s", "full", True)  # the llama2 config's
     assert (plan["dtype"], plan["param_dtype"]) == ("bfloat16", "float32")
-    assert (plan["batch"], plan["microbatches"], plan["seq"], plan["scored"]) == (8, 2, 32, 16)
+    assert (plan["batch"], plan["microbatches"], plan["seq"], plan["scored"]) == (8, 1, 32, 16)
     assert plan["platform"] == "cpu"
 
 

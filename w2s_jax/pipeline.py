@@ -373,9 +373,10 @@ class Experiment:
     def _logits(self, predict, params, enc, scoring=None) -> list[np.ndarray]:
         """Candidate logits for every encoded example (length-bucketed batches), in the original order."""
         out = [None] * len(enc)
-        bs = self.cfg.eval.batch_size
+        bs, scoring = self.cfg.eval.batch_size, scoring or self.scoring
+        shapes = batching.max_shapes(enc, scoring)  # one shape per split: one compile, not one per batch
         for idx, items in batching.prediction_batches(enc, bs):
-            batch = batching.collate(items, scoring or self.scoring, batch_size=bs)
+            batch = batching.collate(items, scoring, None, bs, *shapes)
             logits = predict(params, batch)
             for r, i in enumerate(idx):
                 out[i] = logits[r, :len(items[r]["cands"])]
