@@ -3,8 +3,8 @@
     python bench/memory.py --config=configs/chess.py:llama2 --devices=16 --mesh.fsdp=16 \
         --model=llama2-13b --remat=full --batch=32 --microbatches=2 --hbm_gib=32
 
-The script fakes `--devices` CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set before jax is
-imported), builds the ('data', 'fsdp', 'tensor') mesh, and lowers and compiles the same train step the pipeline
+The script fakes `--devices` CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set before jax
+starts), builds the ('data', 'fsdp', 'tensor') mesh, and lowers and compiles the same train step the pipeline
 runs (`train.make_choice_step` with the config's loss, optimizer, dtypes, scan_layers and remat; the state donated)
 on abstract inputs: `jax.ShapeDtypeStruct`s carrying their shardings, so nothing is allocated. The model is a
 preset of `w2s_jax/models/presets.py` (the architecture of the HF checkpoint the config would load).

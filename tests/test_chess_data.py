@@ -151,7 +151,7 @@ def test_task_errors_name_the_config_key(tmp_path):
     cfg.data_dir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"task\.data_dir: .*nowhere does not exist"):
         cd.load_chess_task(cfg)
-    with pytest.raises(ValueError, match=r"task\.n_train=20, task\.n_test=4: only 10 puzzles available"):
+    with pytest.raises(ValueError, match=r"task\.n_train=20, task\.n_test=4: .*csv has only 10 valid puzzles"):
         cd.load_chess_task(lichess_task(tmp_path, 20, 4))
 
 
@@ -223,26 +223,26 @@ def test_engine_free_mate_mode(tmp_path):
     result = chess_gen.generate(cfg, log=lambda *_: None)
     assert (len(result["train"]), len(result["test"]), result["stats"]["stockfish"]) == (1, 1, None)
     for row in result["train"] + result["test"]:
-        assert_exact_mate(row)
+        assert_exact_mate(*solver_view(row))
 
 
-def assert_exact_mate(row):
-    puzzle = _record(row)
-    board = chess.Board(puzzle["fen"])
-    solution = chess.Move.from_uci(puzzle["solution_uci"])
-    if "mateIn1" in puzzle["themes"]:
-        assert brute_mates(board) == [puzzle["solution_uci"]]
+def assert_exact_mate(fen, solution_uci, themes):
+    """A brute-force proof: a unique mate in one, or no mate in one and a unique key that forces mate in two."""
+    board = chess.Board(fen)
+    if "mateIn1" in themes:
+        assert brute_mates(board) == [solution_uci]
     else:
-        assert "mateIn2" in puzzle["themes"] and brute_mates(board) == []
-        keys = [m for m in board.legal_moves if brute_forces_mate_in_two(board, m)]
-        assert keys == [solution]
+        assert "mateIn2" in themes and brute_mates(board) == []
+        keys = [m.uci() for m in board.legal_moves if brute_forces_mate_in_two(board, m)]
+        assert keys == [solution_uci]
 
 
-def _record(row):
+def solver_view(row):
+    """(fen the solver faces, first solution move, themes) of a generator CSV row."""
     board = chess.Board(row["FEN"])
-    moves = row["Moves"].split()
-    board.push(chess.Move.from_uci(moves[0]))
-    return {"fen": board.fen(), "solution_uci": moves[1], "themes": row["Themes"].split()}
+    opponent, solution = row["Moves"].split()[:2]
+    board.push(chess.Move.from_uci(opponent))
+    return board.fen(), solution, row["Themes"].split()
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +280,20 @@ def test_cli_writes_consistent_files(generated):
 
 
 @needs_stockfish
+def test_generated_task_subsamples_deterministically(generated):
+    cfg = cd.default_task_config()
+    cfg.update(data_dir=str(generated), n_train=4, n_test=2, prompt_format="auto")
+    task = cd.load_chess_task(cfg)
+    assert (len(task["train"]), len(task["test"]), len(task["corpus"])) == (4, 2, len(cd.read_corpus(
+        generated / "corpus.txt")))
+    assert [e["id"] for e in task["train"]] == [e["id"] for e in cd.load_chess_task(cfg)["train"]]
+    assert all(e["prompt"].startswith("1. ") for e in task["train"])  # auto: these rows have transcripts
+    cfg.n_train = 7
+    with pytest.raises(ValueError, match=r"task\.n_train = 7 but .*train\.csv has only 6 valid puzzles"):
+        cd.load_chess_task(cfg)
+
+
+@needs_stockfish
 def test_generated_solutions_are_deep_best_moves_or_exact_mates(generated):
     puzzles = cd.read_lichess_csv(generated / "train.csv") + cd.read_lichess_csv(generated / "test.csv")
     engine = chess_gen.UciEngine(STOCKFISH)
@@ -287,8 +301,7 @@ def test_generated_solutions_are_deep_best_moves_or_exact_mates(generated):
         checked = 0
         for p in puzzles:
             if "mode_mate" in p["themes"]:
-                assert_exact_mate({"FEN": p["fen_before"], "Moves": " ".join(p["moves"]),
-                                   "Themes": " ".join(p["themes"])})
+                assert_exact_mate(p["fen"], p["solution_uci"], p["themes"])
             elif checked < 3:  # ten times the generator's verification budget
                 engine.new_game()
                 deep = engine.analyse([], fen=p["fen"], nodes=200_000, multipv=2)

@@ -17,8 +17,9 @@ SCORINGS = ("classify", "choice_lm", "reward")
 
 
 def bucket(n: int, multiple: int = 32) -> int:
-    """Round a length up to a multiple (small shapes) or a power of two (large ones), to bound recompiles."""
-    if n <= 8 * multiple:
+    """Round a length up to a multiple of `multiple` (up to 32 multiples), beyond that to a power of two: few
+    distinct shapes (few compiles) and little padding."""
+    if n <= 32 * multiple:
         return max(multiple, int(math.ceil(n / multiple)) * multiple)
     return 1 << int(math.ceil(math.log2(n)))
 

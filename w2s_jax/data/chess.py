@@ -173,17 +173,8 @@ def _parse_row(fields):
     }
 
 
-def read_lichess_csv(path, on_error="skip"):
-    """Reads lichess puzzle rows (`.csv` or `.csv.gz`) into puzzle records.
-
-    A record has `id`, `fen` (the position the solver faces, after Moves[0]), `fen_before` (the CSV's FEN),
-    `solution` (Moves[1] in SAN), `solution_uci`, `moves` (UCI), `rating`, `themes`, `game_url` and `transcript`
-    (SAN list up to and including Moves[0], or None). Malformed rows are logged with file:line and skipped
-    (`on_error="skip"`) or raise `ValueError` naming file:line (`on_error="raise"`).
-    """
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    records = []
+def _csv_rows(path):
+    """(line number, {column: value} or None if the column count is wrong, raw row) for every data row."""
     with open_text(path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -192,19 +183,45 @@ def read_lichess_csv(path, on_error="skip"):
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ValueError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
+        rows = []
         for row in reader:
-            if not row:
-                continue
-            try:
-                if len(row) != len(header):
-                    raise _RowError(f"expected {len(header)} columns, found {len(row)}")
-                records.append(_parse_row(dict(zip(header, row))))
-            except _RowError as e:
-                message = f"{path}:{reader.line_num}: {e}"
-                if on_error == "raise":
-                    raise ValueError(message) from None
-                logger.warning("skipping malformed puzzle row: %s", message)
-    return records
+            if row:
+                rows.append((reader.line_num, dict(zip(header, row)) if len(row) == len(header) else None,
+                             len(header), len(row)))
+        return rows
+
+
+def _parse_or_report(path, row, on_error):
+    """The record of one `_csv_rows` row, or None (logged) for a malformed row when on_error="skip"."""
+    line, fields, expected, found = row
+    try:
+        if fields is None:
+            raise _RowError(f"expected {expected} columns, found {found}")
+        return _parse_row(fields)
+    except _RowError as e:
+        message = f"{path}:{line}: {e}"
+        if on_error == "raise":
+            raise ValueError(message) from None
+        logger.warning("skipping malformed puzzle row: %s", message)
+        return None
+
+
+def _check_on_error(on_error):
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+
+
+def read_lichess_csv(path, on_error="skip"):
+    """Reads lichess puzzle rows (`.csv` or `.csv.gz`) into puzzle records.
+
+    A record has `id`, `fen` (the position the solver faces, after Moves[0]), `fen_before` (the CSV's FEN),
+    `solution` (Moves[1] in SAN), `solution_uci`, `moves` (UCI), `rating`, `themes`, `game_url` and `transcript`
+    (SAN list up to and including Moves[0], or None). Malformed rows are logged with file:line and skipped
+    (`on_error="skip"`) or raise `ValueError` naming file:line (`on_error="raise"`).
+    """
+    _check_on_error(on_error)
+    records = (_parse_or_report(path, row, on_error) for row in _csv_rows(path))
+    return [r for r in records if r is not None]
 
 
 def write_lichess_csv(path, rows, with_transcript=True):
@@ -275,7 +292,7 @@ def default_task_config():
     corpus_path:    optional pretraining corpus (one game per line) overriding data_dir's corpus.txt.
     prompt_format:  "transcript" (the paper's), "fen", or "auto" (transcript when a row has one, else FEN).
     n_train:        total training examples (the pipeline halves them itself); -1 = all available.
-    n_test:         test examples; -1 = all available.
+    n_test:         test examples; -1 = all available (not with a single lichess CSV).
     max_corpus_games: -1 = all.
     on_bad_row:     "skip" (log file:line) or "raise".
     seed:           the subsampling/splitting seed.
@@ -316,33 +333,51 @@ def _require(path, key):
     return path
 
 
-def _take(items, n, rng, what):
-    """A seeded random subset of `n` items (all of them, shuffled, when n < 0)."""
-    items = list(items)
-    rng.shuffle(items)
-    if n < 0:
-        return items
-    if n > len(items):
-        raise ValueError(f"task.{what} = {n} but only {len(items)} puzzles are available")
-    return items[:n]
+def _take(path, rows, n, on_error, key):
+    """Parses `rows` in order until `n` good puzzles (all when n < 0): only what is used gets parsed."""
+    records = []
+    for row in rows:
+        if 0 <= n <= len(records):
+            break
+        record = _parse_or_report(path, row, on_error)
+        if record is not None:
+            records.append(record)
+    if n > len(records):
+        raise ValueError(f"task.{key} = {n} but {path} has only {len(records)} valid puzzles")
+    return records
 
 
-def _split_by_game(puzzles, n_train, n_test, rng):
-    """Test first, then train, taking whole games so no game feeds both splits."""
+def _shuffled_rows(path, rng):
+    rows = _csv_rows(path)
+    rng.shuffle(rows)
+    return rows
+
+
+def _game_of(row):
+    line, fields = row[0], row[1]
+    return (fields or {}).get("GameUrl", "").split("#")[0] or f"line {line}"
+
+
+def _split_by_game(path, rows, task_cfg, rng):
+    """Test first, then train, from whole games in a seeded order, so that no game feeds both splits."""
     games = {}
-    for p in puzzles:
-        games.setdefault(p["game_url"].split("#")[0] or p["id"], []).append(p)
+    for row in rows:
+        games.setdefault(_game_of(row), []).append(row)
     groups = list(games.values())
     rng.shuffle(groups)
-    test, train = [], []
+    n_train, n_test = task_cfg.n_train, task_cfg.n_test
+    if n_test < 0:
+        raise ValueError("task.n_test must be >= 0 when train and test come from one CSV (task.csv_path)")
+    train, test = [], []
     for group in groups:
-        if n_test < 0 or len(test) < n_test:
-            test.extend(group)
-        elif n_train < 0 or len(train) < n_train:
-            train.extend(group)
-    if n_test >= 0 and len(test) < n_test or n_train >= 0 and len(train) < n_train:
-        raise ValueError(f"task.n_train={n_train}, task.n_test={n_test}: only {len(puzzles)} puzzles available")
-    return train[:n_train] if n_train >= 0 else train, test[:n_test] if n_test >= 0 else test
+        split = test if len(test) < n_test else train
+        if split is train and 0 <= n_train <= len(train):
+            break
+        split.extend(r for r in (_parse_or_report(path, row, task_cfg.on_bad_row) for row in group) if r)
+    if len(test) < n_test or len(train) < n_train:
+        raise ValueError(f"task.n_train={n_train}, task.n_test={n_test}: {path} has only "
+                         f"{len(train) + len(test)} valid puzzles")
+    return train[:n_train] if n_train >= 0 else train, test[:n_test]
 
 
 def _load_generated(task_cfg, rng):
@@ -355,33 +390,29 @@ def _load_generated(task_cfg, rng):
         raise FileNotFoundError(f"task.data_dir: {data_dir} does not exist; create it with "
                                 f"`python -m w2s_jax.data.chess_gen --out {data_dir} --preset tiny` "
                                 "or set task.generator.generate_if_missing=True")
-    files = {}
-    for stem in ("train.csv", "test.csv"):
-        files[stem] = find_data_file(data_dir, stem)
-        if files[stem] is None:
-            raise FileNotFoundError(f"task.data_dir: {data_dir} has no {stem} or {stem}.gz")
-    train = read_lichess_csv(files["train.csv"], task_cfg.on_bad_row)
-    test = read_lichess_csv(files["test.csv"], task_cfg.on_bad_row)
-    train = _take(train, task_cfg.n_train, rng, "n_train")
-    test = _take(test, task_cfg.n_test, rng, "n_test")
-    corpus_file = find_data_file(data_dir, "corpus.txt")
-    return train, test, corpus_file
+    splits = {}
+    for split, key in (("train", "n_train"), ("test", "n_test")):
+        path = find_data_file(data_dir, f"{split}.csv")
+        if path is None:
+            raise FileNotFoundError(f"task.data_dir: {data_dir} has no {split}.csv or {split}.csv.gz")
+        splits[split] = _take(path, _shuffled_rows(path, rng), task_cfg[key], task_cfg.on_bad_row, key)
+    return splits["train"], splits["test"], find_data_file(data_dir, "corpus.txt")
 
 
 def _load_lichess(task_cfg, rng):
     csv_path = _require(resolve_path(task_cfg.csv_path, "csv_path"), "csv_path")
-    puzzles = read_lichess_csv(csv_path, task_cfg.on_bad_row)
-    if task_cfg.test_csv_path:
-        test_path = _require(resolve_path(task_cfg.test_csv_path, "test_csv_path"), "test_csv_path")
-        test = _take(read_lichess_csv(test_path, task_cfg.on_bad_row), task_cfg.n_test, rng, "n_test")
-        train = _take(puzzles, task_cfg.n_train, rng, "n_train")
-    else:
-        train, test = _split_by_game(puzzles, task_cfg.n_train, task_cfg.n_test, rng)
+    if not task_cfg.test_csv_path:
+        train, test = _split_by_game(csv_path, _csv_rows(csv_path), task_cfg, rng)
+        return train, test, None
+    test_path = _require(resolve_path(task_cfg.test_csv_path, "test_csv_path"), "test_csv_path")
+    train = _take(csv_path, _shuffled_rows(csv_path, rng), task_cfg.n_train, task_cfg.on_bad_row, "n_train")
+    test = _take(test_path, _shuffled_rows(test_path, rng), task_cfg.n_test, task_cfg.on_bad_row, "n_test")
     return train, test, None
 
 
 def load_chess_task(task_cfg):
     """Returns {"train": [Example], "test": [Example], "corpus": [game text]}, deterministic from task_cfg.seed."""
+    _check_on_error(task_cfg.on_bad_row)
     rng = random.Random(task_cfg.seed)
     if task_cfg.source == "generated":
         train, test, corpus_file = _load_generated(task_cfg, rng)

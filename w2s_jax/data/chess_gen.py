@@ -915,6 +915,21 @@ def _split_stats(rows):
     }
 
 
+def _assemble_corpus(corpus_games, puzzle_games, puzzles, seed):
+    """The corpus stream's games plus the puzzle-stream games that gave no puzzle, minus every game that
+    overlaps a puzzle (`check_disjoint`); returns (texts, stats)."""
+    used = {p["GameUrl"].split("#")[0] for p in puzzles}
+    recycled = [g for g in puzzle_games if f"synthetic:seed{seed}/puzzle{g['index']}" not in used]
+    candidates = [chess_data.numbered_transcript(g["sans"]) for g in corpus_games + recycled]
+    overlapping = {i for i, _ in check_disjoint(candidates, puzzles)}
+    corpus = [text for i, text in enumerate(candidates) if i not in overlapping]
+    plies = sum(len(g["sans"]) for i, g in enumerate(corpus_games + recycled) if i not in overlapping)
+    stats = {"games": len(corpus), "from_corpus_stream": len(corpus_games),
+             "recycled_puzzle_games_without_puzzles": len(recycled), "dropped_for_overlap": len(overlapping),
+             "characters": sum(len(t) + 1 for t in corpus), "mean_plies": round(plies / max(1, len(corpus)), 1)}
+    return corpus, stats
+
+
 def _cpu_seconds():
     """CPU time of this process and its finished children (the workers and their engines)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -940,14 +955,13 @@ def generate(cfg, log=print, command=None):
         games = _collect_puzzles(runner, cfg, log)
         puzzle_seconds = time.time() - start
         train, test = _split_games(games, cfg)
+        if len(train) < cfg.n_train or len(test) < cfg.n_test:
+            log(f"[chess_gen] WARNING: only {len(train)} train / {len(test)} test puzzles: max_puzzle_games "
+                f"({cfg.max_puzzle_games}) was reached or mode_caps ({cfg.mode_caps.to_dict()}) sum below 1")
         corpus_results = runner.map([("corpus", j, ()) for j in range(cfg.corpus_games)])
     finally:
         runner.close()
-    used = {r["GameUrl"].split("#")[0] for r in train + test}
-    recycled = [g for g in games if f"synthetic:seed{cfg.seed}/puzzle{g['index']}" not in used]
-    candidates = [chess_data.numbered_transcript(g["sans"]) for g in corpus_results + recycled]
-    overlapping = {i for i, _ in check_disjoint(candidates, train + test)}
-    corpus = [text for i, text in enumerate(candidates) if i not in overlapping]
+    corpus, corpus_stats = _assemble_corpus(corpus_results, games, train + test, cfg.seed)
     stats = {
         "command": command or " ".join(sys.argv),
         "seconds": round(time.time() - start, 1),
@@ -958,10 +972,7 @@ def generate(cfg, log=print, command=None):
         "puzzle_games_played": len(games),
         "train": _split_stats(train),
         "test": _split_stats(test),
-        "corpus": {"games": len(corpus), "from_corpus_stream": len(corpus_results),
-                   "recycled_puzzle_games_without_puzzles": len(recycled),
-                   "dropped_for_overlap": len(overlapping), "characters": sum(len(t) + 1 for t in corpus),
-                   "mean_plies": round(sum(len(chess_data.parse_transcript(t)) for t in corpus) / max(1, len(corpus)), 1)},
+        "corpus": corpus_stats,
         "config": cfg.to_dict(),
     }
     return {"train": train, "test": test, "corpus": corpus, "stats": stats}
@@ -1004,7 +1015,7 @@ def generate_to_dir(cfg, out_dir, log=print, command=None):
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m w2s_jax.data.chess_gen", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (train.csv, test.csv, corpus.txt, stats.json)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))

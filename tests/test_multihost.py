@@ -1,0 +1,53 @@
+"""Multi-host: the chess smoke preset as 2 local processes x 2 CPU devices gives the results of 1 process x 4."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A cut-down smoke run: one pair, one loss, few examples; the point is the multi-process machinery.
+ARGS = ["--config=configs/chess.py:smoke", "--config.experiment.chains=", "--config.experiment.losses=xent",
+        "--config.task.n_train=64", "--config.task.n_test=32", "--config.task.max_corpus_games=100",
+        "--config.pretrain.steps=4", "--config.train.batch_size=8", "--config.eval.batch_size=16",
+        "--config.mesh.fsdp=4"]
+
+
+def _env(devices):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)["runs"]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    main = os.path.join(REPO, "launch", "main.py")
+    single = str(tmp_path / "single")
+    proc = subprocess.run([sys.executable, main, *ARGS, f"--workdir={single}"], cwd=REPO, env=_env(4),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    multi = str(tmp_path / "multi")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, main, *ARGS, f"--workdir={multi}", "--config.distributed.mode=explicit",
+         f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+         f"--config.distributed.process_id={i}"],
+        cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "Weak-to-strong results" in outs[0][0]  # only process 0 reports
+    assert "Weak-to-strong results" not in outs[1][0]
+    assert _runs(multi) == _runs(single)
+    for name in os.listdir(os.path.join(single, "predictions")):
+        with open(os.path.join(single, "predictions", name)) as a, open(os.path.join(multi, "predictions", name)) as b:
+            assert a.read() == b.read()
