@@ -38,7 +38,9 @@ def get_base_config():
         batch_size=32, microbatches=1, epochs=2.0, lr=5e-5, schedule="cosine", warmup_steps=0,
         optimizer="adam", weight_decay=0.0, grad_clip=0.0, head_init="zero",
         early_stopping="none",  # "none" | "weak_labels" (realistic) | "ground_truth_oracle" (the paper's oracle)
-        val_frac=0.1, eval_every=50, checkpoint_every=50))
+        val_frac=0.1, eval_every=50, checkpoint_every=50,
+        group_by_length=0,  # >1: batches drawn from runs of that many batches sorted by length (less padding)
+    ))
 
     # Test predictions of `choice_lm` tasks: "rank" (the best-scoring candidate; always legal) or "greedy" (decode
     # the continuation and match it against the candidates). Supervisors' labels always come from the ranking.

@@ -287,7 +287,8 @@ class Experiment:
                                label_ids)
         params = {"lm": lm_params} if head is None else {"lm": lm_params, "head": head}
         enc = [self.enc[train_split][i] for i in train_idx]
-        order = batching.epoch_order(len(enc), tcfg.batch_size, cfg.seed, epochs=tcfg.epochs)
+        order = batching.epoch_order(len(enc), tcfg.batch_size, cfg.seed, epochs=tcfg.epochs,
+                                     lengths=[e["length"] for e in enc], group=tcfg.group_by_length)
         steps = len(order)
         lr = float(cfg.models[model.split("+")[0]].lr or tcfg.lr)
         tx = train_lib.make_optimizer(tcfg, steps, lr)
@@ -296,14 +297,15 @@ class Experiment:
         loss = losses_lib.get(loss_name, **dict(cfg.losses.get(loss_name, {})))
         step = train_lib.jit_step(train_lib.make_choice_step(lcfg, self.scoring, loss, tx, steps, tcfg.microbatches),
                                   shardings, self.runtime)
-        b, k, l, t = self.cfg.train.batch_size, *batching.max_shapes(enc, self.scoring)
+        b, (k, _, t) = self.cfg.train.batch_size, batching.max_shapes(enc, self.scoring)
 
         def get_batch(s):
             rows = order[s]
+            items = [enc[i] for i in rows]
             tgt = np.zeros((len(rows), k), np.float32)
             for r, i in enumerate(rows):
                 tgt[r, :len(targets[i])] = targets[i]
-            return batching.collate([enc[i] for i in rows], self.scoring, tgt, b, k, l, t)
+            return batching.collate(items, self.scoring, tgt, b, k, batching.seq_bucket(items), t)
 
         predict = train_lib.make_predict_fn(lcfg, self.scoring, self.runtime, shardings.params)
         eval_fn = None
@@ -374,9 +376,9 @@ class Experiment:
         """Candidate logits for every encoded example (length-bucketed batches), in the original order."""
         out = [None] * len(enc)
         bs, scoring = self.cfg.eval.batch_size, scoring or self.scoring
-        shapes = batching.max_shapes(enc, scoring)  # one shape per split: one compile, not one per batch
+        k, _, t = batching.max_shapes(enc, scoring)
         for idx, items in batching.prediction_batches(enc, bs):
-            batch = batching.collate(items, scoring, None, bs, *shapes)
+            batch = batching.collate(items, scoring, None, bs, k, batching.seq_bucket(items), t)
             logits = predict(params, batch)
             for r, i in enumerate(idx):
                 out[i] = logits[r, :len(items[r]["cands"])]

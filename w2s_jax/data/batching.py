@@ -78,7 +78,7 @@ def collate(items: Sequence[dict], scoring: str, targets: np.ndarray | None = No
         out["targets"][:n, :targets.shape[1]] = targets[:, :k]
 
     if scoring == "classify":
-        l = seq_len or bucket(max(it["length"] for it in items))
+        l = seq_len or seq_bucket(items)
         ids, mask, last = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32), np.zeros((b,), np.int32)
         for r, it in enumerate(items):
             ids[r, :len(it["prompt"])] = it["prompt"]
@@ -86,7 +86,7 @@ def collate(items: Sequence[dict], scoring: str, targets: np.ndarray | None = No
             last[r] = len(it["prompt"]) - 1
         out.update(input_ids=ids, attention_mask=mask, last_index=last)
     elif scoring == "reward":
-        l = seq_len or bucket(max(it["length"] for it in items))
+        l = seq_len or seq_bucket(items)
         ids, mask = np.zeros((b, k, l), np.int32), np.zeros((b, k, l), np.int32)
         last = np.zeros((b, k), np.int32)
         for r, it in enumerate(items):
@@ -97,7 +97,7 @@ def collate(items: Sequence[dict], scoring: str, targets: np.ndarray | None = No
                 last[r, c] = len(seq) - 1
         out.update(input_ids=ids, attention_mask=mask, last_index=last)
     else:  # choice_lm: the prompt once, then every candidate packed after it (own segment, positions restart)
-        l = seq_len or bucket(max(it["length"] for it in items))
+        l = seq_len or seq_bucket(items)
         t = num_scored or bucket(max(sum(len(c) for c in it["cands"]) for it in items), 16)
         ids, mask = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32)
         pos, seg = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32)
@@ -121,11 +121,16 @@ def collate(items: Sequence[dict], scoring: str, targets: np.ndarray | None = No
 
 
 def prediction_batches(encoded: Sequence[dict], batch_size: int):
-    """Yield (positions in `encoded`, items) in length order, so that each batch pads little."""
+    """Yield (positions in `encoded`, items) in length order, so that each batch pads only to its own length."""
     order = sorted(range(len(encoded)), key=lambda i: encoded[i]["length"])
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         yield idx, [encoded[i] for i in idx]
+
+
+def seq_bucket(items: Sequence[dict]) -> int:
+    """Padded sequence length for a batch: its longest item, rounded up to a multiple of 64 (few compiles)."""
+    return bucket(max(it["length"] for it in items), 64)
 
 
 def candidate_count(items: Sequence[dict], scoring: str) -> int:
@@ -135,19 +140,22 @@ def candidate_count(items: Sequence[dict], scoring: str) -> int:
 
 
 def max_shapes(encoded: Sequence[dict], scoring: str) -> tuple[int, int, int]:
-    """(candidates, sequence length, scored tokens), bucketed, that fit every item: one compile for a training run."""
+    """(candidates, sequence length, scored tokens), bucketed, that fit every item."""
     k = candidate_count(encoded, scoring)
-    l = bucket(max(e["length"] for e in encoded))
+    l = seq_bucket(encoded)
     t = bucket(max(sum(len(c) for c in e["cands"]) for e in encoded), 16)
     return k, l, t
 
 
-def epoch_order(n: int, batch_size: int, seed: int, epochs: float | None = None,
-                steps: int | None = None) -> np.ndarray:
+def epoch_order(n: int, batch_size: int, seed: int, epochs: float | None = None, steps: int | None = None,
+                lengths: Sequence[int] | None = None, group: int = 0) -> np.ndarray:
     """Example indices for every full training batch: a fresh permutation per epoch, [steps, batch_size].
 
-    Give `epochs` (steps = n * epochs // batch_size, as the reference) or `steps`. The order depends only on the
-    arguments, so a resumed run sees exactly the same batches.
+    Give `epochs` (steps = n * epochs // batch_size, as the reference) or `steps`. With `lengths` and `group` > 0,
+    batches are grouped by length: each run of `group` batches of the shuffled stream is sorted by length, cut
+    into batches, and those batches are shuffled, so a batch pads to its own length instead of the longest
+    example's (attention cost grows with the square of it). The order depends only on the arguments, so a resumed
+    run sees exactly the same batches.
     """
     if n < batch_size:
         raise ValueError(f"only {n} training examples for batch_size={batch_size}")
@@ -156,7 +164,16 @@ def epoch_order(n: int, batch_size: int, seed: int, epochs: float | None = None,
     epochs = steps * batch_size / n
     rng = np.random.default_rng(seed)
     stream = np.concatenate([rng.permutation(n) for _ in range(int(math.ceil(epochs)) + 1)])
-    return stream[:steps * batch_size].reshape(steps, batch_size)
+    batches = stream[:steps * batch_size].reshape(steps, batch_size)
+    if lengths is None or group <= 1:
+        return batches
+    lengths = np.asarray(lengths)
+    out = []
+    for s in range(0, steps, group):
+        chunk = batches[s:s + group].reshape(-1)
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")].reshape(-1, batch_size)
+        out.append(chunk[rng.permutation(len(chunk))])
+    return np.concatenate(out)
 
 
 def lm_blocks(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> np.ndarray:
