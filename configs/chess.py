@@ -16,7 +16,7 @@ def get_config(preset: str = "tiny"):
     c = get_base_config()
     c.name = f"chess_{preset}"
     c.task = default_task_config()
-    c.task.kind = "chess"
+    c.task.loader = "chess"
     # choice_lm: each legal move (SAN, leading space) is scored by its log-likelihood after the prompt.
     c.task.scoring = "choice_lm"
     c.task.max_len = 512
@@ -26,12 +26,14 @@ def get_config(preset: str = "tiny"):
 
     if preset == "tiny":
         c.models.weak = model(preset="tiny-s", lr=1e-3)
-        c.models.mid = model(preset="tiny-m", lr=5e-4)
-        c.models.strong = model(preset="tiny-l", lr=3e-4)
-        c.pretrain.steps = 400
+        c.models.mid = model(preset="tiny-m", lr=7e-4)
+        c.models.strong = model(preset="tiny-l", lr=5e-4)
+        c.pretrain.update(steps=300, batch_size=32, seq_len=256, lr=3e-3, warmup_steps=30)
+        c.train.group_by_length = 8
     elif preset == "smoke":
         c.task.n_train, c.task.n_test, c.task.max_corpus_games = 256, 64, 400
-        c.tokenizer.vocab_size = 512
+        c.tokenizer.vocab_size = 1024
+        c.train.group_by_length = 4
         c.models.weak = model(preset="micro-s", lr=1e-3)
         c.models.mid = model(preset="micro-m", lr=1e-3)
         c.models.strong = model(preset="micro-l", lr=1e-3)

@@ -14,7 +14,6 @@ def get_nlp_config(name: str, preset: str):
     c = get_base_config()
     c.name = f"{name}_{preset}"
     c.task = default_task_config(name)
-    c.task.kind = "nlp"
     c.task.max_len = 512
     c.experiment.pairs = "weak->strong"
     c.experiment.losses = "xent,logconf"

@@ -100,3 +100,38 @@ def test_bad_config_fails_with_one_clear_message(tmp_path, override, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reward_modeling_pairwise_end_to_end(tmp_path):
+    r = random.Random(0)
+    for split, n in (("train", 300), ("test", 60)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                topic = r.choice(["tea", "maps", "bikes", "rain", "jazz"])
+                f.write(json.dumps({"prompt": f"Human: tell me about {topic}\n\nAssistant:",
+                                    "chosen": f" {topic} is nice and helpful {i % 5}",
+                                    "rejected": f" no {r.choice(['idea', 'thanks'])}"}) + "\n")
+    workdir = str(tmp_path / "run")
+    run_main("--config=configs/reward.py:smoke", f"--workdir={workdir}",
+             f"--config.task.data_files=train={tmp_path}/train.jsonl,test={tmp_path}/test.jsonl",
+             "--config.experiment.losses=xent", "--config.pretrain.steps=10")
+    results = check_results_consistent(workdir)
+    assert {r["method"] for r in results["runs"]} == {"ground_truth", "xent"}
+    rows = metrics.read_predictions(os.path.join(workdir, "predictions", "gt_strong.jsonl"))
+    assert len(rows) == 60 and all(len(r["accept"]) == 1 for r in rows)
+
+
+def test_chess_smoke_end_to_end(tmp_path):
+    """The chess smoke preset: ground truth, naive and logconf students, and the weak->mid->strong chain."""
+    workdir = str(tmp_path / "run")
+    run_main("--config=configs/chess.py:smoke", f"--workdir={workdir}")
+    results = check_results_consistent(workdir)
+    names = {r["name"] for r in results["runs"]}
+    assert {"gt_weak", "gt_mid", "gt_strong", "w2s_weak_to_strong_xent", "w2s_weak_to_strong_logconf",
+            "chain_weak-mid-strong_xent_step1", "chain_weak-mid-strong_xent_step2"} <= names
+    rows = metrics.read_predictions(os.path.join(workdir, "predictions", "gt_strong.jsonl"))
+    assert len(rows) == 64
+    # labels are distributions over each puzzle's legal moves, stored with the example ids
+    with open(os.path.join(workdir, "runs", "gt_weak", "labels_B.jsonl")) as f:
+        label = json.loads(f.readline())
+    assert abs(sum(label["probs"]) - 1) < 1e-4 and isinstance(label["id"], str)

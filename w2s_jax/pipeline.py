@@ -99,16 +99,16 @@ def validate_config(cfg) -> None:
 
 
 def load_task(task_cfg) -> dict:
-    if task_cfg.kind == "chess":
+    if task_cfg.loader == "chess":
         from w2s_jax.data import chess
         return chess.load_chess_task(task_cfg)
-    if task_cfg.kind == "nlp":
+    if task_cfg.loader == "nlp":
         from w2s_jax.data import nlp
         return nlp.load_nlp_task(task_cfg)
-    if task_cfg.kind == "reward":
+    if task_cfg.loader == "reward":
         from w2s_jax.data import reward
         return reward.load_reward_task(task_cfg)
-    raise ValueError(f"task.kind={task_cfg.kind!r}: expected 'chess', 'nlp' or 'reward'")
+    raise ValueError(f"task.loader={task_cfg.loader!r}: expected 'chess', 'nlp' or 'reward'")
 
 
 def split_halves(examples: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
