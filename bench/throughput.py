@@ -57,16 +57,18 @@ def flops_per_token(cfg, seq: int) -> int:
     return weights + attention + lm_head
 
 
-def median_time(step, warmup: int, steps: int) -> float:
-    """Median seconds of `steps` calls of `step()` (which must block until its work is done) after `warmup` calls."""
+def median_time(step, warmup: int, steps: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of `steps` calls of `step()` (which must block until its work is done),
+    after `warmup` untimed calls. CPU time (all threads) shows the work done; wall time what a user waits."""
     for _ in range(warmup):
         step()
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def random_blocks(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -103,8 +105,8 @@ def _timed(fn) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the two steps
-def jax_step_seconds(cfg, blocks, warmup: int, steps: int) -> float:
-    """Median seconds of our jitted LM train step (state donated, so each step feeds the next)."""
+def jax_step_seconds(cfg, blocks, warmup: int, steps: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of our jitted LM train step (state donated, so each step feeds the next)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -128,8 +130,9 @@ def jax_step_seconds(cfg, blocks, warmup: int, steps: int) -> float:
     return median_time(step, warmup, steps)
 
 
-def torch_step_seconds(cfg, blocks, warmup: int, steps: int, threads: int) -> float:
-    """Median seconds of transformers' LlamaForCausalLM train step (eager, default attention, AdamW)."""
+def torch_step_seconds(cfg, blocks, warmup: int, steps: int, threads: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of transformers' LlamaForCausalLM train step: eager mode, the default attention
+    (SDPA), AdamW with `fused=True` (PyTorch's fastest AdamW on CPU, so the baseline is not handicapped)."""
     import torch
     import torch.nn.functional as F
     import transformers
@@ -141,7 +144,7 @@ def torch_step_seconds(cfg, blocks, warmup: int, steps: int, threads: int) -> fl
     hf = config_to_hf(cfg)
     hf["use_cache"] = False
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     tokens = torch.from_numpy(blocks.astype("int64"))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
@@ -171,7 +174,7 @@ def machine_info(threads: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("size", "params", "GFLOP/token", "framework", "step s", "tokens/s", "MFU %", "vs torch")
+    header = ("size", "params", "GFLOP/token", "framework", "step s", "CPU s/step", "tokens/s", "MFU %", "vs torch")
     lines = [header]
     for r in rows:
         for fw in ("jax", "torch"):
@@ -179,7 +182,8 @@ def format_table(rows: list[dict]) -> str:
                 continue
             speedup = r["jax"]["tokens_per_s"] / r["torch"]["tokens_per_s"] if fw == "jax" and "torch" in r else None
             lines.append((r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}", fw,
-                          f"{r[fw]['step_s']:.3f}", f"{r[fw]['tokens_per_s']:,.0f}", f"{100 * r[fw]['mfu']:.1f}",
+                          f"{r[fw]['step_s']:.3f}", f"{r[fw]['cpu_s']:.3f}", f"{r[fw]['tokens_per_s']:,.0f}",
+                          f"{100 * r[fw]['mfu']:.1f}",
                           f"{speedup:.2f}x" if speedup else ""))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
@@ -187,12 +191,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def size_case(size: str, args):
+    """(result row, config, token blocks) of one preset; both models train on the same blocks."""
+    from w2s_jax.models.presets import get_preset
+
+    overrides = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
+    cfg = get_preset(size, **overrides)
+    if args.seq > cfg.max_position_embeddings:
+        cfg = cfg.replace(max_position_embeddings=args.seq)
+    row = {"size": size, "params": cfg.num_params, "flops_per_token": flops_per_token(cfg, args.seq),
+           "batch": args.batch, "seq": args.seq}
+    return row, cfg, random_blocks(cfg.vocab_size, args.batch, args.seq)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     pin_threads(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from w2s_jax.models.presets import get_preset
-
     frameworks = [f for f in args.frameworks.split(",") if f]
     unknown = sorted(set(frameworks) - {"jax", "torch"})
     if unknown:
@@ -202,27 +217,23 @@ def main(argv=None) -> dict:
     peak = matmul_peak()
     print(f"matmul peak (float32, {peak['n']}^3): numpy {peak['numpy'] / 1e9:.1f} GFLOP/s, "
           f"jax {peak['jax'] / 1e9:.1f} GFLOP/s", flush=True)
-    rows = []
-    for size in [s for s in args.sizes.split(",") if s]:
-        overrides = {} if args.scan_layers is None else {"scan_layers": bool(args.scan_layers)}
-        cfg = get_preset(size, **overrides)
-        if args.seq > cfg.max_position_embeddings:
-            cfg = cfg.replace(max_position_embeddings=args.seq)
-        blocks = random_blocks(cfg.vocab_size, args.batch, args.seq)
-        row = {"size": size, "params": cfg.num_params, "flops_per_token": flops_per_token(cfg, args.seq),
-               "batch": args.batch, "seq": args.seq}
-        tokens = args.batch * args.seq
-        for fw in frameworks:
+    cases = [size_case(size, args) for size in args.sizes.split(",") if size]
+    rows = [row for row, _, _ in cases]
+    tokens = args.batch * args.seq
+    # One framework at a time (all of JAX, then all of PyTorch), so neither's idle thread pool competes.
+    for fw in frameworks:
+        for row, cfg, blocks in cases:
             if fw == "jax":
-                seconds = jax_step_seconds(cfg, blocks, args.warmup, args.steps)
+                seconds, cpu = jax_step_seconds(cfg, blocks, args.warmup, args.steps)
             else:
-                seconds = torch_step_seconds(cfg, blocks, args.warmup, args.steps, args.threads)
+                seconds, cpu = torch_step_seconds(cfg, blocks, args.warmup, args.steps, args.threads)
             tps = tokens / seconds
-            row[fw] = {"step_s": seconds, "tokens_per_s": tps, "mfu": tps * row["flops_per_token"] / peak["peak"]}
-            print(f"  {size} {fw}: {seconds:.3f} s/step, {tps:,.0f} tokens/s", flush=True)
+            row[fw] = {"step_s": seconds, "cpu_s": cpu, "tokens_per_s": tps,
+                       "mfu": tps * row["flops_per_token"] / peak["peak"]}
+            print(f"  {row['size']} {fw}: {seconds:.3f} s/step ({cpu:.3f} CPU s), {tps:,.0f} tokens/s", flush=True)
+    for row in rows:
         if "jax" in row and "torch" in row:
             row["speedup"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
-        rows.append(row)
     result = {"machine": info, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "results": rows}
     print()

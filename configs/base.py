@@ -77,5 +77,6 @@ def get_base_config():
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.logical_rules = ()  # empty: w2s_jax.parallel.DEFAULT_RULES
     c.distributed = ml_collections.ConfigDict(dict(
-        mode="off", coordinator_address="", num_processes=0, process_id=-1))
+        # "off", "auto" (TPU / Slurm detection) or "explicit"; -1 / "" = unset (then W2S_* environment variables)
+        mode="off", coordinator_address="", num_processes=-1, process_id=-1))
     return c

@@ -170,3 +170,56 @@ def test_partial_checkpoint_falls_back_to_previous_step(tokenizer, tmp_path):
             f.write_bytes(b"")
     resumed, _ = _train(tokenizer, "classify", str(tmp_path / "run"), {"fsdp": 1}, jax.devices()[:1], steps=12)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), ref, resumed)
+
+
+def test_early_stopping_restores_the_best_evaluation(tokenizer, tmp_path):
+    """The parameters at the end are those of the best validation score, not the last step's."""
+    scoring = "classify"
+    exs = make_examples(64, scoring)
+    enc, _ = batching.encode_examples(exs, tokenizer, scoring, 64)
+    k, l, t = batching.max_shapes(enc, scoring)
+    rt = T.make_runtime({"fsdp": 1}, devices=jax.devices()[:1])
+    params, head = init_params(scoring)
+    tx = T.make_optimizer(TCFG, 8, 1e-2)
+    abstract, shard = T.state_shardings(CFG, head, tx, rt)
+    step = T.jit_step(T.make_choice_step(CFG, scoring, losses.get("xent"), tx, 8), shard, rt)
+    order = batching.epoch_order(64, 32, 0, steps=8)
+    batch = lambda s: batching.collate([enc[i] for i in order[s]], scoring,
+                                       one_hot([exs[i] for i in order[s]], k), 32, k, l, t)
+    seen = {}
+    scores = {0: 0.1, 2: 0.3, 4: 0.9, 6: 0.5, 8: 0.2}  # the best evaluation is at step 4
+
+    def eval_fn(state):
+        s = int(jax.device_get(state.step))
+        seen[s] = jax.device_get(state.params)
+        return scores[s]
+
+    state, loop = T.run_loop(state=T.create_state(params, tx, shard), abstract_state=abstract, shardings=shard,
+                             step_fn=step, get_batch=batch, num_steps=8, ckpt_dir=str(tmp_path), runtime=rt,
+                             eval_fn=eval_fn, eval_every=2)
+    assert loop["best_step"] == 4 and [e[0] for e in loop["evals"]] == [0, 2, 4, 6, 8]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), seen[4])
+
+
+def test_head_initialised_from_the_unembedding_rows_of_the_label_tokens():
+    params, _ = init_params("choice_lm")
+    head = heads.init_head("classify", 2, params["lm"], CFG, init="unembed", label_token_ids=[5, 7])
+    np.testing.assert_array_equal(head["kernel"], np.asarray(params["lm"]["lm_head"]["kernel"])[:, [5, 7]])
+    assert not np.any(heads.init_head("classify", 2, params["lm"], CFG)["kernel"])  # the reference's zero init
+
+
+def test_checkpoint_restores_onto_another_mesh(tokenizer, tmp_path):
+    """Saved on 8 devices (fsdp=8), restored on 4 (fsdp=2 x tensor=2): same values, the new layout."""
+    params, head = init_params("classify")
+    tx = T.make_optimizer(TCFG, 10, 1e-3)
+    rt8 = T.make_runtime({"data": 1, "fsdp": 8, "tensor": 1})
+    _, shard8 = T.state_shardings(CFG, head, tx, rt8)
+    state = T.create_state(params, tx, shard8)
+    T._save(T.checkpoint_manager(str(tmp_path)), 3, state, {"step": 3})
+    rt4 = T.make_runtime({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+    abstract4, shard4 = T.state_shardings(CFG, head, tx, rt4)
+    restored, loop = T.restore_latest(T.checkpoint_manager(str(tmp_path)), abstract4, shard4)
+    assert loop["step"] == 3
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+    q = restored.params["lm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert len(q.sharding.device_set) == 4 and q.addressable_shards[0].data.shape == (16, 16)

@@ -233,6 +233,7 @@ def jit_step(step_fn, shardings, runtime: Runtime):
     def run(state, batch):
         with runtime.tracing():
             return jitted(state, batch)
+    run.jitted = jitted  # for .lower() (bench/memory.py)
     return run
 
 
@@ -297,6 +298,14 @@ def restore_latest(mngr, abstract_state, shardings):
     return None, None
 
 
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is set on any process (so that a signal delivered to one host stops all of them together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
 def run_loop(*, state, abstract_state, shardings, step_fn: Callable, get_batch: Callable[[int], dict],
              num_steps: int, ckpt_dir: str, runtime: Runtime, checkpoint_every: int = 0,
              eval_fn: Optional[Callable] = None, eval_every: int = 0, writer=None, desc: str = "train"):
@@ -343,10 +352,10 @@ def run_loop(*, state, abstract_state, shardings, step_fn: Callable, get_batch: 
                 evaluate(done)
             if (checkpoint_every and done % checkpoint_every == 0) or done == num_steps:
                 _save(mngr, done, state, loop)
-            if stop["stop"]:
+            if _any_process(stop["stop"] is not None):  # every process stops at the same step
                 _save(mngr, done, state, loop)
-                raise Preempted(f"{desc}: {stop['stop']} received; checkpoint saved at step {done} in "
-                                f"{mngr.directory}. Run the same command again to resume.")
+                raise Preempted(f"{desc}: {stop['stop'] or 'a stop request'} received; checkpoint saved at step "
+                                f"{done} in {mngr.directory}. Run the same command again to resume.")
         if num_steps == 0 or start == num_steps and mngr.latest_step() is None:
             _save(mngr, num_steps, state, loop)
     if eval_fn and loop["best_step"] is not None and loop["best_step"] != num_steps:
