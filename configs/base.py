@@ -80,3 +80,40 @@ def get_base_config():
         # "off", "auto" (TPU / Slurm detection) or "explicit"; -1 / "" = unset (then W2S_* environment variables)
         mode="off", coordinator_address="", num_processes=-1, process_id=-1))
     return c
+
+
+def apply_ladder_preset(c, preset: str, config_name: str):
+    """The presets shared by the classification-style configs (NLP tasks, reward modeling), applied to `c` after
+    its task is set: the models, task sizes, tokenizer, pretraining, generative finetuning, training and eval.
+
+      smoke   toy models pretrained here, a few hundred examples (minutes on a CPU).
+      tiny    the tiny ladder weak -> mid -> strong, a few thousand examples.
+      llama2  LLaMA-2 weak / strong from Hugging Face checkpoints (paths on the command line), bfloat16, scanned
+              and rematerialised layers.
+    """
+    c.experiment.pairs = "weak->strong"
+    c.experiment.losses = "xent,logconf"
+    if preset == "smoke":
+        c.task.update(n_train=256, n_test=64, max_len=256)
+        c.tokenizer.vocab_size = 512
+        c.models.weak = model(preset="micro-s", lr=1e-3)
+        c.models.strong = model(preset="micro-m", lr=1e-3)
+        c.pretrain.update(steps=20, batch_size=16, seq_len=128)
+        c.genft.update(steps=10, batch_size=8, seq_len=64)
+        c.train.update(batch_size=16, epochs=1.0, checkpoint_every=4)
+        c.eval.batch_size = 32
+    elif preset == "tiny":
+        c.task.update(n_train=4000, n_test=500)
+        c.models.weak = model(preset="tiny-s", lr=1e-3)
+        c.models.mid = model(preset="tiny-m", lr=5e-4)
+        c.models.strong = model(preset="tiny-l", lr=3e-4)
+        c.experiment.chains = "weak->mid->strong"
+    elif preset == "llama2":
+        c.models.weak = model(source="hf", lr=1e-5)
+        c.models.strong = model(source="hf", lr=1e-5)
+        c.tokenizer.source = "model"
+        c.model_defaults.update(dtype="bfloat16", scan_layers=True, remat_policy="full")
+        c.train.update(microbatches=4, checkpoint_every=100)
+    else:
+        raise ValueError(f"unknown preset {preset!r} for {config_name}: expected smoke, tiny or llama2")
+    return c

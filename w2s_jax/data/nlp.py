@@ -74,6 +74,12 @@ def as_index(value: Any, size: int, offset: int = 0) -> Optional[int]:
     return index if 0 <= index < size else None
 
 
+def answer_key_index(row: dict) -> Optional[int]:
+    """The index of `answerKey` among the `choices` letters (openbookqa, quartz); None if it is not one of them."""
+    letters = list(row["choices"]["label"])
+    return letters.index(row["answerKey"]) if row["answerKey"] in letters else None
+
+
 def coin_flip(rng: random.Random, right: str, wrong: list[str]) -> Optional[tuple[str, int]]:
     """The sciq construction: label 1 shows the right answer, label 0 a random wrong one (None: no wrong one)."""
     wrong = [w for w in wrong if w and w != right]
@@ -84,30 +90,44 @@ def coin_flip(rng: random.Random, right: str, wrong: list[str]) -> Optional[tupl
     return rng.choice(wrong), 0
 
 
+def coin_flip_choice(rng: random.Random, choices: list[str], right_index: Optional[int]) -> Optional[tuple[str, int]]:
+    """`coin_flip` over multiple choices: the right one or a random other one (None: no usable `right_index`)."""
+    if right_index is None:
+        return None
+    return coin_flip(rng, choices[right_index], [c for i, c in enumerate(choices) if i != right_index])
+
+
+def answer_text(template: str, row: dict, picked: Optional[tuple[str, int]], **fields) -> Optional[tuple[str, int]]:
+    """(text, label) for a coin-flipped `picked = (answer, label)`: `template` filled (str.format) with the row's
+    columns, `fields` and `answer`; None if nothing was picked."""
+    if picked is None:
+        return None
+    answer, label = picked
+    return template.format_map({**row, **fields, "answer": answer}), label
+
+
+def labelled_text(template: str, label_column: str = "label") -> Formatter:
+    """A formatter for rows that carry their own binary label: `template` filled (str.format) with the row's
+    columns, and the label read from `label_column` (rows with a hidden label give None)."""
+    def format_row(row, rng):
+        label = as_binary(row[label_column])
+        if label is None:
+            return None
+        return template.format_map(row), label
+    return format_row
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Formatters: row -> (text, label) or None (row unusable). Paper-identical ones first.
 
 
 def format_sciq(row, rng):
     picked = coin_flip(rng, row["correct_answer"], [row["distractor1"], row["distractor2"], row["distractor3"]])
-    if picked is None:
-        return None
-    answer, label = picked
-    return f"Q: {row['question']} A: {answer}", label
+    return answer_text("Q: {question} A: {answer}", row, picked)
 
 
-def format_boolq(row, rng):
-    label = as_binary(row["answer"])
-    if label is None:
-        return None
-    return f"Passage: {row['passage']}\nQuestion: {row['question']}", label
-
-
-def format_amazon_polarity(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    return f"{row['title']} {row['content']}", label
+format_boolq = labelled_text("Passage: {passage}\nQuestion: {question}", label_column="answer")
+format_amazon_polarity = labelled_text("{title} {content}")
 
 
 def format_cosmos_qa(row, rng):
@@ -119,15 +139,10 @@ def format_cosmos_qa(row, rng):
     right = answers[right_index]
     wrong = [a for i, a in enumerate(answers) if i != right_index and a and a != right]
     if "None of the above choices ." in right:
-        if not wrong:
-            return None
-        answer, label = rng.choice(wrong), 0
+        picked = (rng.choice(wrong), 0) if wrong else None
     else:
         picked = coin_flip(rng, right, wrong)
-        if picked is None:
-            return None
-        answer, label = picked
-    return f"Context: {row['context']}\nQuestion: {row['question']}\nAnswer: {answer}", label
+    return answer_text("Context: {context}\nQuestion: {question}\nAnswer: {answer}", row, picked)
 
 
 def format_anthropic_hh(row, rng):
@@ -137,110 +152,55 @@ def format_anthropic_hh(row, rng):
     return row["rejected"], 0
 
 
-def format_sentence(row, rng):
-    """sst2, cola: the sentence itself."""
-    label = as_binary(row["label"])
-    return (row["sentence"], label) if label is not None else None
-
-
-def format_twitter_sentiment(row, rng):
-    label = as_binary(row["label"])
-    return (row["text"], label) if label is not None else None
+format_sentence = labelled_text("{sentence}")   # sst2, cola: the sentence itself
+format_twitter_sentiment = labelled_text("{text}")
 
 
 def format_piqa(row, rng):
-    right_index = as_index(row["label"], 2)
-    if right_index is None:
-        return None
-    solutions = [row["sol1"], row["sol2"]]
-    picked = coin_flip(rng, solutions[right_index], [solutions[1 - right_index]])
-    if picked is None:
-        return None
-    answer, label = picked
-    return f"Q: {row['goal']} A: {answer}", label
+    picked = coin_flip_choice(rng, [row["sol1"], row["sol2"]], as_index(row["label"], 2))
+    return answer_text("Q: {goal} A: {answer}", row, picked)
 
 
 def format_hellaswag(row, rng):
     endings = list(row["endings"])
-    right_index = as_index(row["label"], len(endings))
-    if right_index is None:
-        return None
-    picked = coin_flip(rng, endings[right_index], [e for i, e in enumerate(endings) if i != right_index])
-    if picked is None:
-        return None
-    answer, label = picked
-    listed = "\n".join(endings)
-    return f'Context:\n{row["ctx"]}\n\nContinuations:\n\n{listed}\n\nQ: Is "{answer}" the best continuation?', label
+    picked = coin_flip_choice(rng, endings, as_index(row["label"], len(endings)))
+    return answer_text('Context:\n{ctx}\n\nContinuations:\n\n{listed}\n\nQ: Is "{answer}" the best continuation?',
+                       row, picked, listed="\n".join(endings))
 
 
 def format_social_i_qa(row, rng):
     answers = [row["answerA"], row["answerB"], row["answerC"]]
-    right_index = as_index(row["label"], 3, offset=1)
-    if right_index is None:
-        return None
-    picked = coin_flip(rng, answers[right_index], [a for i, a in enumerate(answers) if i != right_index])
-    if picked is None:
-        return None
-    answer, label = picked
-    listed = "\n".join(answers)
-    text = (f'Context:\n{row["context"]}\n\nQuestion: "{row["question"]}"\n\nChoices:\n{listed}\n\n'
-            f'Is the answer "{answer}"?')
-    return text, label
+    picked = coin_flip_choice(rng, answers, as_index(row["label"], 3, offset=1))
+    template = 'Context:\n{context}\n\nQuestion: "{question}"\n\nChoices:\n{listed}\n\nIs the answer "{answer}"?'
+    return answer_text(template, row, picked, listed="\n".join(answers))
 
 
 def format_openbookqa(row, rng):
     """Shows the answer's TEXT in both branches (EleutherAI's version shows the key letter when right)."""
     letters, texts = list(row["choices"]["label"]), list(row["choices"]["text"])
-    if row["answerKey"] not in letters:
-        return None
-    right_index = letters.index(row["answerKey"])
-    picked = coin_flip(rng, texts[right_index], [t for i, t in enumerate(texts) if i != right_index])
-    if picked is None:
-        return None
-    answer, label = picked
+    picked = coin_flip_choice(rng, texts, answer_key_index(row))
     listed = "\n".join(f"{letter}) {text}" for letter, text in zip(letters, texts))
-    return f"Q: {row['question_stem']}\n\nChoices:\n{listed}\n\nAnswer: {answer}", label
+    return answer_text("Q: {question_stem}\n\nChoices:\n{listed}\n\nAnswer: {answer}", row, picked, listed=listed)
 
 
 def format_quartz(row, rng):
-    letters, texts = list(row["choices"]["label"]), list(row["choices"]["text"])
-    if row["answerKey"] not in letters:
-        return None
-    right_index = letters.index(row["answerKey"])
-    picked = coin_flip(rng, texts[right_index], [t for i, t in enumerate(texts) if i != right_index])
-    if picked is None:
-        return None
-    answer, label = picked
-    return f'Passage:\n{row["para"]}\n\nQ: "{row["question"]}" Is the answer "{answer}"?', label
+    picked = coin_flip_choice(rng, list(row["choices"]["text"]), answer_key_index(row))
+    return answer_text('Passage:\n{para}\n\nQ: "{question}" Is the answer "{answer}"?', row, picked)
 
 
 def format_dream(row, rng):
-    choices = list(row["choice"])
-    picked = coin_flip(rng, row["answer"], [c for c in choices if c != row["answer"]])
-    if picked is None:
-        return None
-    answer, label = picked
-    dialogue = "\n".join(row["dialogue"])
-    return f"{dialogue}\n\nQ: {row['question']} A: {answer}", label
+    """The right answer is the `answer` column's text; the wrong ones are the other `choice`s."""
+    picked = coin_flip(rng, row["answer"], [c for c in row["choice"] if c != row["answer"]])
+    return answer_text("{dialogue}\n\nQ: {question} A: {answer}", row, picked, dialogue="\n".join(row["dialogue"]))
 
 
 def format_quail(row, rng):
     answers = list(row["answers"])
-    right_index = as_index(row["correct_answer_id"], len(answers))
-    if right_index is None:
-        return None
-    picked = coin_flip(rng, answers[right_index], [a for i, a in enumerate(answers) if i != right_index])
-    if picked is None:
-        return None
-    answer, label = picked
-    return f'Passage:\n\n{row["context"]}\n\nQ: "{row["question"]}" Is the answer "{answer}"?', label
+    picked = coin_flip_choice(rng, answers, as_index(row["correct_answer_id"], len(answers)))
+    return answer_text('Passage:\n\n{context}\n\nQ: "{question}" Is the answer "{answer}"?', row, picked)
 
 
-def format_multirc(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    return f'Passage:\n\n{row["paragraph"]}\n\nQ: "{row["question"]}" Is the answer "{row["answer"]}"?', label
+format_multirc = labelled_text('Passage:\n\n{paragraph}\n\nQ: "{question}" Is the answer "{answer}"?')
 
 
 def format_anli(row, rng):
@@ -253,49 +213,14 @@ def format_anli(row, rng):
     return text, int(nli_label == 0)
 
 
-def format_paws(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    text = f"Sent 1: {row['sentence1']}\nSent 2: {row['sentence2']}\n\nQ: Are these sentences semantically equivalent?"
-    return text, label
-
-
-def format_wic(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    text = (f"Sentence 1:\n{row['sentence1']}\n\nSentence 2:\n{row['sentence2']}\n\n"
-            f'Q: Does "{row["word"]}" have the same meaning in the above sentences?')
-    return text, label
-
-
-def format_mc_taco(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    return f"{row['sentence']}\n\nGiven the above, {row['question']} Is the answer {row['answer']}?", label
-
-
-def format_ethics_deontology(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    return f"Q: Is the following a morally valid excuse?\n\n{row['scenario']}\n\n{row['excuse']}\n\nA:", label
-
-
-def format_ethics_justice(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    return f"Q: Does this statement exemplify justice?\n\n{row['scenario']}\n\nA:", label
-
-
-def format_ethics_virtue(row, rng):
-    label = as_binary(row["label"])
-    if label is None:
-        return None
-    return f"Q: Does this behavior match the adjective that follows?\n\n{row['scenario']}\n\nA:", label
+format_paws = labelled_text("Sent 1: {sentence1}\nSent 2: {sentence2}\n\n"
+                            "Q: Are these sentences semantically equivalent?")
+format_wic = labelled_text('Sentence 1:\n{sentence1}\n\nSentence 2:\n{sentence2}\n\n'
+                           'Q: Does "{word}" have the same meaning in the above sentences?')
+format_mc_taco = labelled_text("{sentence}\n\nGiven the above, {question} Is the answer {answer}?")
+format_ethics_deontology = labelled_text("Q: Is the following a morally valid excuse?\n\n{scenario}\n\n{excuse}\n\nA:")
+format_ethics_justice = labelled_text("Q: Does this statement exemplify justice?\n\n{scenario}\n\nA:")
+format_ethics_virtue = labelled_text("Q: Does this behavior match the adjective that follows?\n\n{scenario}\n\nA:")
 
 
 def format_ethics_utilitarianism(row, rng):
