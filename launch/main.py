@@ -12,6 +12,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# On a CPU, XLA runs most fused element-wise work on one thread: one virtual device per core (the batch is sharded
+# over them) is what uses every core. Set before jax starts; an explicit device count in XLA_FLAGS wins.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
