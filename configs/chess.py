@@ -29,7 +29,8 @@ def get_config(preset: str = "tiny"):
         c.models.mid = model(preset="tiny-m", lr=7e-4)
         c.models.strong = model(preset="tiny-l", lr=5e-4)
         # Blocks as long as the longest prompt + candidates, so that finetuning never meets unseen positions.
-        c.pretrain.update(steps=300, batch_size=16, seq_len=512, lr=3e-3, warmup_steps=30)
+        c.task.max_len = 384
+        c.pretrain.update(steps=200, batch_size=16, seq_len=384, lr=3e-3, warmup_steps=20)
         c.train.group_by_length = 8
     elif preset == "smoke":
         c.task.n_train, c.task.n_test, c.task.max_corpus_games = 256, 64, 400

@@ -129,8 +129,8 @@ def prediction_batches(encoded: Sequence[dict], batch_size: int):
 
 
 def seq_bucket(items: Sequence[dict]) -> int:
-    """Padded sequence length for a batch: its longest item, rounded up to a multiple of 64 (few compiles)."""
-    return bucket(max(it["length"] for it in items), 64)
+    """Padded sequence length for a batch: its longest item, rounded up to a multiple of 128 (few compiles)."""
+    return bucket(max(it["length"] for it in items), 128)
 
 
 def candidate_count(items: Sequence[dict], scoring: str) -> int:

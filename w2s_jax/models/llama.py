@@ -161,34 +161,36 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _attention_probs(q, k, bias):
-    """Softmax attention weights [B, KV, G*L, S] in float32; q: [B, KV, G*L, D] (G query heads per kv head)."""
+def _attention_fwd(q, k, v, bias):
     b, kv, gl, d = q.shape
     l, s = bias.shape[-2:]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32) / math.sqrt(d)
+    q = q * jnp.asarray(1 / math.sqrt(d), q.dtype)  # scaling q costs [G*L, D] multiplies, the scores [G*L, S]
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32)
     scores = scores.reshape(b, kv, gl // l, l, s) + bias[:, :, None]  # bias: [B, 1, L, S]
-    return jax.nn.softmax(scores, axis=-1).reshape(b, kv, gl, s)
-
-
-def _attention_fwd(q, k, v, bias):
-    probs = _attention_probs(q, k, bias).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv, gl, s).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
     return out, (q, k, v, probs, out, bias)
 
 
+def _keep_transposed(x):
+    """Materialise a transposed [.., D, L] operand as is. Without the barrier XLA folds the transpose into the
+    matmul, and XLA:CPU then computes it with a transposed [L, S] operand, ~2x slower than the plain matmul."""
+    return jax.lax.optimization_barrier(x)
+
+
 def _attention_bwd(residuals, d_out):
-    """Hand-written backward: every matmul reads the [G*L, S] matrices in their stored layout (only the small
-    [G*L, D] operands get transposed; autodiff transposes probs), and the softmax backward uses
-    rowsum(d_out * out) instead of rowsum(d_probs * probs), a [G*L, D] reduction instead of a [G*L, S] one."""
-    q, k, v, probs, out, bias = residuals
+    """Hand-written backward. The two matmuls that contract over queries (d_v = probs^T d_out and
+    d_k = d_scores^T q) are computed transposed, (d_out^T probs)^T, so only small [D, L] operands get transposed;
+    and the softmax backward uses rowsum(d_out * out), a [G*L, D] reduction, for rowsum(d_probs * probs)."""
+    q, k, v, probs, out, bias = residuals  # q is already scaled by 1/sqrt(D)
     d = q.shape[-1]
     d_probs = jnp.einsum("bkqd,bksd->bkqs", d_out, v).astype(jnp.float32)
-    d_v = jnp.einsum("bkqd,bkqs->bkds", d_out, probs).swapaxes(-1, -2)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_scores = (probs.astype(jnp.float32) * (d_probs - row) / math.sqrt(d)).astype(q.dtype)
-    d_q = jnp.einsum("bkqs,bksd->bkqd", d_scores, k)
-    d_k = jnp.einsum("bkqd,bkqs->bkds", q, d_scores).swapaxes(-1, -2)
-    return d_q, d_k, d_v, jnp.zeros_like(bias)
+    d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(q.dtype)
+    d_q = jnp.einsum("bkqs,bksd->bkqd", d_scores, k) * jnp.asarray(1 / math.sqrt(d), q.dtype)
+    d_v = _keep_transposed(jnp.einsum("bkdq,bkqs->bkds", _keep_transposed(d_out.swapaxes(-1, -2)), probs))
+    d_k = _keep_transposed(jnp.einsum("bkdq,bkqs->bkds", _keep_transposed(q.swapaxes(-1, -2)), d_scores))
+    return d_q, d_k.swapaxes(-1, -2), d_v.swapaxes(-1, -2), jnp.zeros_like(bias)
 
 
 @jax.custom_vjp

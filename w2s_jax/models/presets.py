@@ -46,11 +46,11 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama2-13b": _LLAMA2_13B,
     "llama3-8b": _LLAMA3_8B,
     "llama3.1-8b": _LLAMA31_8B,
-    # Tiny ladder for the CPU default (non-embedding params ~0.07M, ~0.26M, ~1.05M; sized so that the whole chess
+    # Tiny ladder for the CPU default (non-embedding params ~0.07M, ~0.26M, ~0.59M; sized so that the whole chess
     # experiment runs in minutes on 2 cores); vocab_size comes from the tokenizer.
     "tiny-s": _tiny(hidden=48, layers=2, heads=2),
     "tiny-m": _tiny(hidden=64, layers=4, heads=2),
-    "tiny-l": _tiny(hidden=128, layers=4, heads=4),
+    "tiny-l": _tiny(hidden=96, layers=4, heads=2),
     # Micro ladder for smoke tests and CI (seconds per stage).
     "micro-s": _tiny(hidden=32, layers=2, heads=2),
     "micro-m": _tiny(hidden=48, layers=2, heads=2),
