@@ -1,12 +1,15 @@
 """Train-step throughput and MFU of our Flax LLaMA against transformers' PyTorch LlamaForCausalLM, on this machine.
 
     python bench/throughput.py [--sizes=bench-4m,bench-27m] [--seq=256] [--batch=8] [--steps=5] [--threads=2]
+                               [--devices=1,2]
 
 One run measures, on the same machine and with the same thread count:
   * the matmul peak: the best FLOP/s of a large float32 matmul in numpy and in jax (the MFU denominator);
-  * ours: `make_lm_step` (forward + backward + AdamW) jitted by `jit_step` on a 1-device mesh;
+  * ours: `make_lm_step` (forward + backward + AdamW) jitted by `jit_step` on a 1-device mesh, and on a mesh of
+    one virtual CPU device per core (the batch sharded over them, the project's default `fsdp=-1` mesh), which is
+    how `launch/main.py` runs on a CPU;
   * PyTorch: transformers' `LlamaForCausalLM` at the same config (`convert.config_to_hf`), eager mode, the same
-    [B, L+1] blocks and next-token loss, `torch.optim.AdamW`.
+    [B, L+1] blocks and next-token loss, `torch.optim.AdamW(fused=True)`, `torch.set_num_threads(--threads)`.
 Tokens per step are B * L (the predicted positions). FLOPs per token follow MaxText:
     6 * non-embedding params  +  6 * layers * (heads * head_dim) * L   (causal attention: 12 * layers * h * L / 2)
     +  6 * hidden * vocab      (the LM head)
@@ -33,19 +36,38 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores both frameworks may use")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated virtual CPU device counts for our model (default: 1 and --threads)")
     p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
                    help="override the preset's scan_layers for our model (default: the preset's)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("seq", "batch", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)}: must be at least 1")
+    if args.warmup < 0:
+        p.error(f"--warmup={args.warmup}: must be 0 or more")
+    try:
+        args.devices = sorted({int(d) for d in (args.devices or f"1,{args.threads}").split(",") if d})
+    except ValueError:
+        p.error(f"--devices={args.devices!r}: expected comma-separated integers")
+    bad = [d for d in args.devices if d < 1 or args.batch % d]
+    if bad:
+        p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
+    return args
 
 
-def pin_threads(threads: int) -> None:
-    """Restrict this process (and so XLA's and PyTorch's thread pools) to `threads` cores. Must precede imports."""
+def pin_threads(threads: int, devices: int) -> None:
+    """Restrict this process (and so XLA's and PyTorch's thread pools) to `threads` cores and give XLA `devices`
+    virtual CPU devices. Must run before jax is imported."""
     cores = sorted(os.sched_getaffinity(0))
     if threads < 1 or threads > len(cores):
         raise ValueError(f"--threads={threads}: this machine lets the process use {len(cores)} cores")
     os.sched_setaffinity(0, cores[:threads])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 # ------------------------------------------------------------------------------------------------ accounting
@@ -105,8 +127,9 @@ def _timed(fn) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the two steps
-def jax_step_seconds(cfg, blocks, warmup: int, steps: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of our jitted LM train step (state donated, so each step feeds the next)."""
+def jax_step_seconds(cfg, blocks, warmup: int, steps: int, devices: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of our jitted LM train step (state donated, so each step feeds the next) on a
+    mesh of the first `devices` devices (the project's default mesh: data 1, fsdp -1, tensor 1)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -115,7 +138,9 @@ def jax_step_seconds(cfg, blocks, warmup: int, steps: int) -> tuple[float, float
     from w2s_jax import train
     from w2s_jax.models.llama import LlamaForCausalLM
 
-    runtime = train.make_runtime({"data": 1, "fsdp": 1, "tensor": 1})
+    if jax.device_count() < devices:
+        raise ValueError(f"--devices={devices}: jax sees {jax.device_count()} devices (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
+    runtime = train.make_runtime({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.devices()[:devices])
     tx = optax.adamw(1e-4, weight_decay=0.01)
     params = nn.meta.unbox(LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.asarray(blocks[:1, :-1]))["params"])
     _, shardings = train.state_shardings(cfg, None, tx, runtime)
@@ -169,22 +194,19 @@ def machine_info(threads: int) -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": model, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "jax": jax.__version__, "torch": torch.__version__,
+            "jax": jax.__version__, "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("size", "params", "GFLOP/token", "framework", "step s", "CPU s/step", "tokens/s", "MFU %", "vs torch")
+    header = ("size", "params", "GFLOP/token", "model", "step s", "CPU s/step", "tokens/s", "MFU %", "vs torch")
     lines = [header]
     for r in rows:
-        for fw in ("jax", "torch"):
-            if fw not in r:
-                continue
-            speedup = r["jax"]["tokens_per_s"] / r["torch"]["tokens_per_s"] if fw == "jax" and "torch" in r else None
-            lines.append((r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}", fw,
-                          f"{r[fw]['step_s']:.3f}", f"{r[fw]['cpu_s']:.3f}", f"{r[fw]['tokens_per_s']:,.0f}",
-                          f"{100 * r[fw]['mfu']:.1f}",
-                          f"{speedup:.2f}x" if speedup else ""))
+        for name, run in r["runs"].items():
+            speedup = r.get("speedup_vs_torch", {}).get(name)
+            lines.append((r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}", name,
+                          f"{run['step_s']:.3f}", f"{run['cpu_s']:.3f}", f"{run['tokens_per_s']:,.0f}",
+                          f"{100 * run['mfu']:.1f}", f"{speedup:.2f}x" if speedup else ""))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "-+-".join("-" * w for w in widths))
@@ -200,13 +222,13 @@ def size_case(size: str, args):
     if args.seq > cfg.max_position_embeddings:
         cfg = cfg.replace(max_position_embeddings=args.seq)
     row = {"size": size, "params": cfg.num_params, "flops_per_token": flops_per_token(cfg, args.seq),
-           "batch": args.batch, "seq": args.seq}
+           "batch": args.batch, "seq": args.seq, "runs": {}}
     return row, cfg, random_blocks(cfg.vocab_size, args.batch, args.seq)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    pin_threads(args.threads)
+    pin_threads(args.threads, max(args.devices))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     frameworks = [f for f in args.frameworks.split(",") if f]
     unknown = sorted(set(frameworks) - {"jax", "torch"})
@@ -221,21 +243,26 @@ def main(argv=None) -> dict:
     rows = [row for row, _, _ in cases]
     tokens = args.batch * args.seq
     # One framework at a time (all of JAX, then all of PyTorch), so neither's idle thread pool competes.
-    for fw in frameworks:
+    runs = [(f"jax/{d}dev", d) for d in args.devices] if "jax" in frameworks else []
+    runs += [("torch", None)] if "torch" in frameworks else []
+    for name, devices in runs:
         for row, cfg, blocks in cases:
-            if fw == "jax":
-                seconds, cpu = jax_step_seconds(cfg, blocks, args.warmup, args.steps)
+            if devices is not None:
+                seconds, cpu = jax_step_seconds(cfg, blocks, args.warmup, args.steps, devices)
             else:
                 seconds, cpu = torch_step_seconds(cfg, blocks, args.warmup, args.steps, args.threads)
             tps = tokens / seconds
-            row[fw] = {"step_s": seconds, "cpu_s": cpu, "tokens_per_s": tps,
-                       "mfu": tps * row["flops_per_token"] / peak["peak"]}
-            print(f"  {row['size']} {fw}: {seconds:.3f} s/step ({cpu:.3f} CPU s), {tps:,.0f} tokens/s", flush=True)
+            row["runs"][name] = {"step_s": seconds, "cpu_s": cpu, "tokens_per_s": tps,
+                                 "mfu": tps * row["flops_per_token"] / peak["peak"]}
+            print(f"  {row['size']} {name}: {seconds:.3f} s/step ({cpu:.3f} CPU s), {tps:,.0f} tokens/s", flush=True)
     for row in rows:
-        if "jax" in row and "torch" in row:
-            row["speedup"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
+        if "torch" in row["runs"]:
+            torch_tps = row["runs"]["torch"]["tokens_per_s"]
+            row["speedup_vs_torch"] = {name: r["tokens_per_s"] / torch_tps
+                                       for name, r in row["runs"].items() if name != "torch"}
     result = {"machine": info, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-              "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "results": rows}
+              "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "devices": args.devices,
+              "results": rows}
     print()
     print(format_table(rows))
     print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
