@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from w2s_jax.metrics import atomic_write_text
+from w2s_jax.metrics import atomic_write_text, read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,22 +34,7 @@ def read_metrics(logdir: str | os.PathLike) -> list[dict[str, Any]]:
     path = os.path.join(logdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    rows = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines) and not line.endswith("\n"):
-                break
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{path}:{lineno}: metrics line lacks 'step'")
-        rows.append(row)
-    return rows
+    return read_jsonl(path, required=("step",), torn_tail_ok=True, what="metrics line")
 
 
 class MetricWriter:

@@ -127,22 +127,32 @@ def write_predictions(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -
     atomic_write_text(path, "".join(lines))
 
 
+def read_jsonl(path: str | os.PathLike, required: Sequence[str] = (), torn_tail_ok: bool = False,
+               what: str = "row") -> list[dict[str, Any]]:
+    """Rows of a JSONL file. A bad line raises ValueError naming the file and line; with `torn_tail_ok`, an
+    unterminated last line (a crash mid-write) is skipped instead."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if torn_tail_ok and lineno == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        missing = [k for k in required if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: {what} lacks {', '.join(missing)}")
+        rows.append(row)
+    return rows
+
+
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL prediction file; bad lines raise ValueError naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            missing = [k for k in REQUIRED_PREDICTION_KEYS if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: prediction row lacks {', '.join(missing)}")
-            rows.append(row)
-    return rows
+    return read_jsonl(path, REQUIRED_PREDICTION_KEYS, what="prediction row")
 
 
 def accuracy_from_predictions(rows: Sequence[dict[str, Any]]) -> float:

@@ -385,8 +385,8 @@ class Experiment:
         return out
 
     def read_labels(self, path: str, examples: list[dict]) -> list[np.ndarray]:
-        with open(path) as f:
-            by_id = {row["id"]: np.asarray(row["probs"], np.float32) for row in map(json.loads, f)}
+        by_id = {row["id"]: np.asarray(row["probs"], np.float32)
+                 for row in metrics.read_jsonl(path, required=("id", "probs"))}
         out = []
         for ex in examples:
             p = by_id[ex["id"]]
