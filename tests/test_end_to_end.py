@@ -114,9 +114,15 @@ def test_reward_modeling_pairwise_end_to_end(tmp_path):
     workdir = str(tmp_path / "run")
     run_main("--config=configs/reward.py:smoke", f"--workdir={workdir}",
              f"--config.task.data_files=train={tmp_path}/train.jsonl,test={tmp_path}/test.jsonl",
-             "--config.experiment.losses=xent", "--config.pretrain.steps=10")
+             "--config.experiment.losses=xent", "--config.pretrain.steps=10",
+             "--config.train.early_stopping=weak_labels", "--config.train.eval_every=4")
     results = check_results_consistent(workdir)
     assert {r["method"] for r in results["runs"]} == {"ground_truth", "xent"}
+    # early stopping on weak labels held out of half B (ground-truth runs: on ground truth held out of half A)
+    assert {r["early_stopping"] for r in results["runs"] if r["role"] == "student"} == {"weak_labels"}
+    assert {r["early_stopping"] for r in results["runs"] if r["role"] != "student"} == {"ground_truth"}
+    with open(os.path.join(workdir, "runs", "w2s_weak_to_strong_xent", "result.json")) as f:
+        assert json.load(f)["best_step"] is not None
     rows = metrics.read_predictions(os.path.join(workdir, "predictions", "gt_strong.jsonl"))
     assert len(rows) == 60 and all(len(r["accept"]) == 1 for r in rows)
 

@@ -264,10 +264,11 @@ class Experiment:
     # -------------------------------------------------------------------------------------------- runs
     def train_and_predict(self, run: str, model: str, train_split: str, train_idx: list[int],
                           targets: list[np.ndarray], loss_name: str, label_sets: dict[str, str],
-                          val: tuple[list[int], list[np.ndarray]] | None = None,
+                          val: tuple[list[int], list[np.ndarray]] | None = None, val_kind: str = "weak_labels",
                           features_for: tuple[str, ...] = ()) -> dict:
         """Train `model` on examples `train_idx` of `train_split` with `targets`, then predict the test set and
-        every split in `label_sets` ({label_name: split}). Skipped when its result file exists."""
+        every split in `label_sets` ({label_name: split}). With early stopping on, `val` (examples and the targets
+        that score them, described by `val_kind`) picks the best step. Skipped when its result file exists."""
         run_dir = self.path("runs", run)
         done_file = os.path.join(run_dir, "result.json")
         if os.path.isfile(done_file):
@@ -313,7 +314,7 @@ class Experiment:
             v_idx, v_targets = val
             v_enc = [self.enc[train_split][i] for i in v_idx]
             v_labels = [int(np.argmax(t)) for t in v_targets]
-            eval_fn = lambda st: metrics.accuracy(np.argmax(self._logits(predict, st.params, v_enc), -1),
+            eval_fn = lambda st: metrics.accuracy([int(np.argmax(l)) for l in self._logits(predict, st.params, v_enc)],
                                                   [[l] for l in v_labels])
         with MetricWriter(run_dir, enabled=self.is_main) as writer:
             state, loop = train_lib.run_loop(
@@ -322,7 +323,7 @@ class Experiment:
                 checkpoint_every=tcfg.checkpoint_every, eval_fn=eval_fn, eval_every=tcfg.eval_every,
                 writer=writer, desc=run)
         result = {"run": run, "model": model, "steps": steps, "lr": lr, "loss": loss_name,
-                  "early_stopping": tcfg.early_stopping if eval_fn else "none", "best_step": loop["best_step"],
+                  "early_stopping": val_kind if eval_fn else "none", "best_step": loop["best_step"],
                   "labels": {}}
         preds, texts = self.test_predictions(lcfg, predict, state, shardings)
         result["accuracy"] = metrics.accuracy(preds, accepts(self.test))
@@ -461,7 +462,7 @@ class Experiment:
         self.gt[m] = self.train_and_predict(
             f"gt_{m}", m, "A", tr_a, one_hot_targets([self.half_a[i] for i in tr_a]), "xent",
             {"B": "B"} if m in self.supervisors else {},
-            val=(val_a, one_hot_targets([self.half_a[i] for i in val_a])))
+            val=(val_a, one_hot_targets([self.half_a[i] for i in val_a])), val_kind="ground_truth")
         self.results["runs"].append({"name": f"gt_{m}", "role": "weak" if m in self.supervisors else "ceiling",
                                      "model": m, "supervisor": None, "method": GT,
                                      "accuracy": self.gt[m]["accuracy"],
@@ -506,7 +507,8 @@ class Experiment:
         oracle = self.cfg.train.early_stopping == "ground_truth_oracle"
         val_targets = (one_hot_targets([self.half_b[i] for i in val]) if oracle else [labels[i] for i in val])
         return self.train_and_predict(name, model, "B", tr, [labels[i] for i in tr], loss, label_sets,
-                                      val=(val, val_targets), features_for=features_for)
+                                      val=(val, val_targets), features_for=features_for,
+                                      val_kind="ground_truth_oracle" if oracle else "weak_labels")
 
     def add_student(self, name, res, student, weak, method, direct_sup, sup_run, ceiling=None) -> dict:
         """Append a student's row: accuracy, PGR between the weak model and the ceiling (the student trained on

@@ -6,7 +6,7 @@ Input is the results dict the pipeline writes as results.json:
      "models": {name: {"params": int, ...}},
      "runs": [{"name", "role": "weak"|"ceiling"|"student", "model", "supervisor": None (ground truth) or a name,
                "method", "accuracy", "pgr", "agreement", "error_agreement",
-               "early_stopping": "none"|"weak_labels"|"ground_truth_oracle", ...}],
+               "early_stopping": "none"|"ground_truth"|"weak_labels"|"ground_truth_oracle", ...}],
      "notes": [str, ...]}
 
 Runs with no supervisor were trained on ground truth (weak floors, ceilings); the others are students. A student's
@@ -24,13 +24,15 @@ from matplotlib.figure import Figure
 from w2s_jax.metrics import atomic_write_text, median_pgr, to_json
 
 ROLES = ("weak", "ceiling", "student", "baseline")
-EARLY_STOPPING = {"none": "none", "weak_labels": "weak labels", "ground_truth_oracle": "GT oracle‡"}
+EARLY_STOPPING = {"none": "none", "ground_truth": "ground truth", "weak_labels": "weak labels",
+                  "ground_truth_oracle": "GT oracle‡"}
 DECIMALS = 3
 PGR_UNDEFINED = "n/a†"
 MISSING = "–"
 FOOTNOTE_PGR = "† PGR undefined: the ceiling is not more accurate than the weak supervisor, so there is no gap."
 FOOTNOTE_ORACLE = (
-    "‡ Early stopping on ground-truth test labels: an invalid oracle (as in the paper), shown only for comparison."
+    "‡ Early stopping on the ground-truth labels of the student's validation examples: an oracle the "
+    "weak-to-strong setting does not have (as in the paper), shown only for comparison."
 )
 
 
