@@ -13,8 +13,8 @@ One run measures, on the same machine and with the same thread count:
 Tokens per step are B * L (the predicted positions). FLOPs per token follow MaxText:
     6 * non-embedding params  +  6 * layers * (heads * head_dim) * L   (causal attention: 12 * layers * h * L / 2)
     +  6 * hidden * vocab      (the LM head)
-Warm-up steps (compilation included) are excluded; each figure is the median of the timed steps. The script prints
-a table and, last, one JSON line with every number.
+Warm-up steps (compilation included) are excluded; the timed steps of the models go round-robin and each figure is
+the median of its timed steps. The script prints a table and, last, one JSON line with every number.
 """
 from __future__ import annotations
 
@@ -79,18 +79,25 @@ def flops_per_token(cfg, seq: int) -> int:
     return weights + attention + lm_head
 
 
-def median_time(step, warmup: int, steps: int) -> tuple[float, float]:
-    """Median wall and process-CPU seconds of `steps` calls of `step()` (which must block until its work is done),
-    after `warmup` untimed calls. CPU time (all threads) shows the work done; wall time what a user waits."""
-    for _ in range(warmup):
-        step()
-    wall, cpu = [], []
+def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
+    """{name: (median wall s, median process-CPU s)} of the step functions (each blocks until its work is done).
+
+    After `warmup` untimed calls of each, the timed calls go round-robin (one step of each model in turn), so a
+    change in the machine's load hits every model alike. CPU time (all threads) shows the work done; wall time
+    what a user waits.
+    """
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    wall = {name: [] for name in steps_by_name}
+    cpu = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        c0, t0 = time.process_time(), time.perf_counter()
-        step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
+        for name, step in steps_by_name.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            step()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in steps_by_name}
 
 
 def random_blocks(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -127,9 +134,9 @@ def _timed(fn) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the two steps
-def jax_step_seconds(cfg, blocks, warmup: int, steps: int, devices: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of our jitted LM train step (state donated, so each step feeds the next) on a
-    mesh of the first `devices` devices (the project's default mesh: data 1, fsdp -1, tensor 1)."""
+def jax_train_step(cfg, blocks, devices: int):
+    """Our jitted LM train step as a blocking no-argument function (the state is donated, so each step feeds the
+    next), on a mesh of the first `devices` devices (the project's default mesh: data 1, fsdp -1, tensor 1)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -152,11 +159,11 @@ def jax_step_seconds(cfg, blocks, warmup: int, steps: int, devices: int) -> tupl
         holder["state"], metrics = step_fn(holder["state"], batch)
         jax.block_until_ready((holder["state"], metrics))
 
-    return median_time(step, warmup, steps)
+    return step
 
 
-def torch_step_seconds(cfg, blocks, warmup: int, steps: int, threads: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of transformers' LlamaForCausalLM train step: eager mode, the default attention
+def torch_train_step(cfg, blocks, threads: int):
+    """transformers' LlamaForCausalLM train step as a no-argument function: eager mode, the default attention
     (SDPA), AdamW with `fused=True` (PyTorch's fastest AdamW on CPU, so the baseline is not handicapped)."""
     import torch
     import torch.nn.functional as F
@@ -180,7 +187,7 @@ def torch_step_seconds(cfg, blocks, warmup: int, steps: int, threads: int) -> tu
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return median_time(step, warmup, steps)
+    return step
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -242,15 +249,11 @@ def main(argv=None) -> dict:
     cases = [size_case(size, args) for size in args.sizes.split(",") if size]
     rows = [row for row, _, _ in cases]
     tokens = args.batch * args.seq
-    # One framework at a time (all of JAX, then all of PyTorch), so neither's idle thread pool competes.
-    runs = [(f"jax/{d}dev", d) for d in args.devices] if "jax" in frameworks else []
-    runs += [("torch", None)] if "torch" in frameworks else []
-    for name, devices in runs:
-        for row, cfg, blocks in cases:
-            if devices is not None:
-                seconds, cpu = jax_step_seconds(cfg, blocks, args.warmup, args.steps, devices)
-            else:
-                seconds, cpu = torch_step_seconds(cfg, blocks, args.warmup, args.steps, args.threads)
+    for row, cfg, blocks in cases:
+        steps = {f"jax/{d}dev": jax_train_step(cfg, blocks, d) for d in args.devices} if "jax" in frameworks else {}
+        if "torch" in frameworks:
+            steps["torch"] = torch_train_step(cfg, blocks, args.threads)
+        for name, (seconds, cpu) in median_times(steps, args.warmup, args.steps).items():
             tps = tokens / seconds
             row["runs"][name] = {"step_s": seconds, "cpu_s": cpu, "tokens_per_s": tps,
                                  "mfu": tps * row["flops_per_token"] / peak["peak"]}

@@ -39,9 +39,7 @@ def check_results_consistent(workdir):
         if run["method"] != "probe":
             assert run["pgr"] == (None if ceiling <= weak else pytest.approx((run["accuracy"] - weak) /
                                                                                (ceiling - weak)))
-        direct = run["direct_supervisor"]
-        sup_rows = preds.get(f"gt_{direct}") or next(
-            preds[r["name"]] for r in results["runs"] if r["model"] == direct and r["method"] == run["method"])
+        sup_rows = preds[run["supervisor_run"]]  # the run whose labels it trained on (a chain's previous step)
         stu = [r["prediction"] for r in preds[run["name"]]]
         sup = [r["prediction"] for r in sup_rows]
         assert run["agreement"] == pytest.approx(sum(a == b for a, b in zip(stu, sup)) / len(stu))

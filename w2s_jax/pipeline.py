@@ -517,7 +517,8 @@ class Experiment:
         acc_ceiling = self.gt[student]["accuracy"] if ceiling is None else ceiling
         sup_preds = sup_run["test_predictions"]
         row = {"name": name, "role": "student", "model": student, "supervisor": weak,
-               "direct_supervisor": direct_sup, "method": method, "accuracy": res["accuracy"],
+               "direct_supervisor": direct_sup, "supervisor_run": sup_run["run"], "method": method,
+               "accuracy": res["accuracy"],
                "pgr": metrics.pgr(res["accuracy"], acc_weak, acc_ceiling),
                "agreement": metrics.agreement(res["test_predictions"], sup_preds),
                "error_agreement": metrics.error_agreement(res["test_predictions"], sup_preds, accepts(self.test)),
