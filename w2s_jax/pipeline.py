@@ -30,11 +30,6 @@ GT = "ground_truth"
 
 
 # ------------------------------------------------------------------------------------------------ config helpers
-def parse_pairs(spec: str) -> list[tuple[str, str]]:
-    """'weak->strong, mid->strong' -> [('weak', 'strong'), ('mid', 'strong')]."""
-    return [tuple(p.strip().split("->")) for p in spec.split(",") if p.strip()]
-
-
 def parse_chains(spec: str) -> list[list[str]]:
     """'weak->mid->strong' (comma-separated for several) -> [['weak', 'mid', 'strong']]."""
     return [[m.strip() for m in c.split("->")] for c in spec.split(",") if c.strip()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -86,7 +85,3 @@ def lm_loss(cfg: LlamaConfig, lm_params, blocks):
     # logsumexp minus the label's logit: never materialises log-probabilities over the vocabulary (11-13% faster
     # train steps on CPU, docs/BENCHMARKS.md)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
