@@ -7,6 +7,7 @@ carry logical axis names; `w2s_jax.parallel` maps them onto the ('data', 'fsdp',
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -120,13 +121,54 @@ def attention_bias(attention_mask, segment_ids, length):
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
 
 
+def _transposed(x):
+    """x with its last two axes swapped, materialised in row-major order.
+
+    XLA:CPU runs a matmul fast only when its left operand contracts over its last axis in memory. Left alone, XLA
+    folds a transpose into the matmul (or gives it a column-major layout) and then computes the product 1.2x
+    (float32) to 6x (bfloat16, upcast to float32) slower. The barrier on the flattened copy pins the order.
+    """
+    *lead, m, n = x.shape
+    flat = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(*lead, m * n))
+    return flat.reshape(*lead, n, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x, kernel, out_dtype):
+    """`x @ kernel` for x: [tokens, in] in the compute dtype and kernel: [in, out] in the parameter dtype, computed
+    in x's dtype, accumulated in float32 and returned as `out_dtype`.
+
+    The hand-written backward keeps every matmul in its fast form on CPU: the cotangent is cast to the compute
+    dtype (so bfloat16 training runs bfloat16 x bfloat16 -> float32 matmuls, not float32 ones), the kernel
+    gradient is `x^T @ dy` with `x^T` materialised (see `_transposed`), and it is returned in the parameter dtype
+    straight from the float32 accumulator, never rounded to bfloat16 on the way.
+    """
+    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _project_fwd(x, kernel, out_dtype):
+    return project(x, kernel, out_dtype), (x, kernel)
+
+
+def _project_bwd(out_dtype, residuals, dy):
+    x, kernel = residuals
+    dy = dy.astype(x.dtype)
+    dx = jax.lax.dot_general(dy, kernel.astype(x.dtype), (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    d_kernel = jnp.dot(_transposed(x), dy, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Dense(nn.Module):
     """A bias-free projection `x @ kernel` over the last axis, computed as one 2-D matmul [tokens, in] @ [in, out].
 
     Same parameter (`kernel` [in, out]) and result as `nn.Dense`, but faster to train on CPU: with the batch and
-    length axes flattened, XLA computes the kernel gradient `x^T dy` straight from `dy`, where a [B, L, in] input
-    makes it first copy `dy` into a transposed layout (for the LM head, a [vocab, B*L] copy per step).
-    `out_dtype` lets the LM head accumulate and return float32 logits without a separate cast of [B, L, vocab].
+    length axes flattened, XLA computes the kernel gradient from `dy` as is, where a [B, L, in] input makes it
+    first copy `dy` into a transposed layout (for the LM head, a [vocab, B*L] copy per step); and `project`
+    keeps the backward matmuls fast. `out_dtype` lets the LM head return float32 logits from bfloat16 inputs.
     """
     features: int
     names: tuple
@@ -139,7 +181,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.names),
                             (x.shape[-1], self.features), self.param_dtype)
         flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = jnp.dot(flat, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        y = project(flat, kernel, jnp.dtype(self.out_dtype or self.dtype))
         return y.reshape(*x.shape[:-1], self.features)
 
 
@@ -161,21 +203,21 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
+def _einsum(spec, a, b, dtype=None):
+    """einsum accumulated in float32 (bfloat16 x bfloat16 -> float32 is XLA:CPU's fast form), cast to `dtype`
+    (default: the operands' dtype)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype or a.dtype)
+
+
 def _attention_fwd(q, k, v, bias):
     b, kv, gl, d = q.shape
     l, s = bias.shape[-2:]
     q = q * jnp.asarray(1 / math.sqrt(d), q.dtype)  # scaling q costs [G*L, D] multiplies, the scores [G*L, S]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32)
+    scores = _einsum("bkqd,bksd->bkqs", q, k, jnp.float32)
     scores = scores.reshape(b, kv, gl // l, l, s) + bias[:, :, None]  # bias: [B, 1, L, S]
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv, gl, s).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    out = _einsum("bkqs,bksd->bkqd", probs, v)
     return out, (q, k, v, probs, out, bias)
-
-
-def _keep_transposed(x):
-    """Materialise a transposed [.., D, L] operand as is. Without the barrier XLA folds the transpose into the
-    matmul, and XLA:CPU then computes it with a transposed [L, S] operand, ~2x slower than the plain matmul."""
-    return jax.lax.optimization_barrier(x)
 
 
 def _attention_bwd(residuals, d_out):
@@ -184,13 +226,13 @@ def _attention_bwd(residuals, d_out):
     and the softmax backward uses rowsum(d_out * out), a [G*L, D] reduction, for rowsum(d_probs * probs)."""
     q, k, v, probs, out, bias = residuals  # q is already scaled by 1/sqrt(D)
     d = q.shape[-1]
-    d_probs = jnp.einsum("bkqd,bksd->bkqs", d_out, v).astype(jnp.float32)
+    d_probs = _einsum("bkqd,bksd->bkqs", d_out, v, jnp.float32)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(q.dtype)
-    d_q = jnp.einsum("bkqs,bksd->bkqd", d_scores, k) * jnp.asarray(1 / math.sqrt(d), q.dtype)
-    d_v = _keep_transposed(jnp.einsum("bkdq,bkqs->bkds", _keep_transposed(d_out.swapaxes(-1, -2)), probs))
-    d_k = _keep_transposed(jnp.einsum("bkdq,bkqs->bkds", _keep_transposed(q.swapaxes(-1, -2)), d_scores))
-    return d_q, d_k.swapaxes(-1, -2), d_v.swapaxes(-1, -2), jnp.zeros_like(bias)
+    d_q = _einsum("bkqs,bksd->bkqd", d_scores, k) * jnp.asarray(1 / math.sqrt(d), q.dtype)
+    d_v = _transposed(_einsum("bkdq,bkqs->bkds", _transposed(d_out), probs))
+    d_k = _transposed(_einsum("bkdq,bkqs->bkds", _transposed(q), d_scores))
+    return d_q, d_k, d_v, jnp.zeros_like(bias)
 
 
 @jax.custom_vjp
