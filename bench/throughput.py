@@ -1,15 +1,19 @@
 """Train-step throughput and MFU of our Flax LLaMA against transformers' PyTorch LlamaForCausalLM, on this machine.
 
     python bench/throughput.py [--sizes=bench-4m,bench-27m] [--seq=256] [--batch=8] [--steps=5] [--threads=2]
-                               [--devices=1,2]
+                               [--dtypes=float32,bfloat16] [--devices=1]
 
 One run measures, on the same machine and with the same thread count:
-  * the matmul peak: the best FLOP/s of a large float32 matmul in numpy and in jax (the MFU denominator);
-  * ours: `make_lm_step` (forward + backward + AdamW) jitted by `jit_step` on a 1-device mesh, and on a mesh of
-    one virtual CPU device per core (the batch sharded over them, the project's default `fsdp=-1` mesh), which is
-    how `launch/main.py` runs on a CPU;
+  * the matmul peaks (the MFU denominators): the best FLOP/s of a large float32 matmul in numpy, jax and torch, and
+    of a bfloat16 one (float32 accumulation) in jax and torch;
+  * ours: `make_lm_step` (forward + backward + AdamW) jitted by `jit_step`, once per compute dtype in --dtypes
+    (float32 parameters and optimizer state in both; `bfloat16` is the model config's `dtype`, i.e. mixed
+    precision), on a 1-device mesh and on any other virtual-device count in --devices (the batch sharded over
+    them, the project's default `fsdp=-1` mesh);
   * PyTorch: transformers' `LlamaForCausalLM` at the same config (`convert.config_to_hf`), eager mode, the same
-    [B, L+1] blocks and next-token loss, `torch.optim.AdamW(fused=True)`, `torch.set_num_threads(--threads)`.
+    [B, L+1] blocks and next-token loss, `torch.optim.AdamW(fused=True)`, `torch.set_num_threads(--threads)`, in
+    float32 (its default, the "vs torch" baseline) and, with `bfloat16` in --torch_dtypes, under
+    `torch.autocast("cpu", torch.bfloat16)` (PyTorch's own mixed precision: float32 weights, bfloat16 matmuls).
 Tokens per step are B * L (the predicted positions). FLOPs per token follow MaxText:
     6 * non-embedding params  +  6 * layers * (heads * head_dim) * L   (causal attention: 12 * layers * h * L / 2)
     +  6 * hidden * vocab      (the LM head)
@@ -28,6 +32,9 @@ import sys
 import time
 
 
+DTYPES = {"float32": "f32", "bfloat16": "bf16"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="bench-4m,bench-27m", help="comma-separated presets (w2s_jax/models/presets.py)")
@@ -36,8 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores both frameworks may use")
-    p.add_argument("--devices", default=None,
-                   help="comma-separated virtual CPU device counts for our model (default: 1 and --threads)")
+    p.add_argument("--devices", default="1",
+                   help="comma-separated virtual CPU device counts for our model (e.g. 1,2)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes of our model")
+    p.add_argument("--torch_dtypes", default="float32,bfloat16",
+                   help="PyTorch runs: float32 (the baseline) and/or bfloat16 (autocast)")
     p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
                    help="override the preset's scan_layers for our model (default: the preset's)")
@@ -48,9 +58,15 @@ def parse_args(argv=None):
     if args.warmup < 0:
         p.error(f"--warmup={args.warmup}: must be 0 or more")
     try:
-        args.devices = sorted({int(d) for d in (args.devices or f"1,{args.threads}").split(",") if d})
+        args.devices = sorted({int(d) for d in args.devices.split(",") if d})
     except ValueError:
         p.error(f"--devices={args.devices!r}: expected comma-separated integers")
+    for name in ("dtypes", "torch_dtypes"):
+        values = [d for d in getattr(args, name).split(",") if d]
+        unknown = sorted(set(values) - set(DTYPES))
+        if unknown:
+            p.error(f"--{name}: unknown {unknown}; expected some of {', '.join(DTYPES)}")
+        setattr(args, name, values)
     bad = [d for d in args.devices if d < 1 or args.batch % d]
     if bad:
         p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
@@ -107,10 +123,15 @@ def random_blocks(vocab: int, batch: int, seq: int, seed: int = 0):
 
 # ------------------------------------------------------------------------------------------------ matmul peak
 def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
-    """Best float32 matmul FLOP/s of numpy and jax on an n x n product (max over repeats)."""
+    """Best matmul FLOP/s on an n x n product (max over repeats): {dtype: {library: FLOP/s, "peak": the best}}.
+
+    float32: numpy, jax and torch; bfloat16 (float32 accumulation, the form both frameworks' mixed precision
+    uses): jax and torch. On a CPU with AMX the bfloat16 peak is several times the float32 one.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import torch
 
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
@@ -120,11 +141,17 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
         fn()
         return max(flops / _timed(fn) for _ in range(repeats))
 
-    numpy_peak = best(lambda: a @ b)
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    jmatmul = jax.jit(jnp.matmul)
-    jax_peak = best(lambda: jmatmul(ja, jb).block_until_ready())
-    return {"numpy": numpy_peak, "jax": jax_peak, "peak": max(numpy_peak, jax_peak), "n": n}
+    peaks = {}
+    for dtype in ("float32", "bfloat16"):
+        ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        jmatmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+        ta, tb = torch.from_numpy(a).to(getattr(torch, dtype)), torch.from_numpy(b).to(getattr(torch, dtype))
+        row = {"jax": best(lambda: jmatmul(ja, jb).block_until_ready()), "torch": best(lambda: ta @ tb)}
+        if dtype == "float32":
+            row["numpy"] = best(lambda: a @ b)
+        row["peak"] = max(row.values())
+        peaks[dtype] = row
+    return peaks
 
 
 def _timed(fn) -> float:
@@ -162,9 +189,12 @@ def jax_train_step(cfg, blocks, devices: int):
     return step
 
 
-def torch_train_step(cfg, blocks, threads: int):
+def torch_train_step(cfg, blocks, threads: int, dtype: str = "float32"):
     """transformers' LlamaForCausalLM train step as a no-argument function: eager mode, the default attention
-    (SDPA), AdamW with `fused=True` (PyTorch's fastest AdamW on CPU, so the baseline is not handicapped)."""
+    (SDPA), AdamW with `fused=True` (PyTorch's fastest AdamW on CPU, so the baseline is not handicapped). The
+    weights are float32; `dtype="bfloat16"` runs forward and backward under CPU autocast to bfloat16."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     import transformers
@@ -173,16 +203,19 @@ def torch_train_step(cfg, blocks, threads: int):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hf = config_to_hf(cfg)
+    hf = config_to_hf(cfg.replace(dtype="float32", param_dtype="float32"))
     hf["use_cache"] = False
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     tokens = torch.from_numpy(blocks.astype("int64"))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+
     def step():
-        logits = model(input_ids=inputs).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        with autocast():
+            logits = model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -206,14 +239,15 @@ def machine_info(threads: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("size", "params", "GFLOP/token", "model", "step s", "CPU s/step", "tokens/s", "MFU %", "vs torch")
+    header = ("size", "params", "GFLOP/token", "model", "step s", "CPU s/step", "tokens/s", "MFU %", "vs torch/f32",
+              "vs torch/bf16")
     lines = [header]
     for r in rows:
         for name, run in r["runs"].items():
-            speedup = r.get("speedup_vs_torch", {}).get(name)
+            ratios = [r.get("speedup_vs", {}).get(base, {}).get(name) for base in ("torch/f32", "torch/bf16")]
             lines.append((r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}", name,
                           f"{run['step_s']:.3f}", f"{run['cpu_s']:.3f}", f"{run['tokens_per_s']:,.0f}",
-                          f"{100 * run['mfu']:.1f}", f"{speedup:.2f}x" if speedup else ""))
+                          f"{100 * run['mfu']:.1f}", *(f"{x:.2f}x" if x else "" for x in ratios)))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "-+-".join("-" * w for w in widths))
@@ -244,25 +278,31 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     info = machine_info(args.threads)
     peak = matmul_peak()
-    print(f"matmul peak (float32, {peak['n']}^3): numpy {peak['numpy'] / 1e9:.1f} GFLOP/s, "
-          f"jax {peak['jax'] / 1e9:.1f} GFLOP/s", flush=True)
+    for dtype, row in peak.items():
+        print(f"matmul peak ({dtype}, 2048^3): " + ", ".join(f"{lib} {flops / 1e9:.1f}" for lib, flops in row.items())
+              + " GFLOP/s", flush=True)
     cases = [size_case(size, args) for size in args.sizes.split(",") if size]
     rows = [row for row, _, _ in cases]
     tokens = args.batch * args.seq
     for row, cfg, blocks in cases:
-        steps = {f"jax/{d}dev": jax_train_step(cfg, blocks, d) for d in args.devices} if "jax" in frameworks else {}
+        steps, dtypes = {}, {}
+        if "jax" in frameworks:
+            for dtype in args.dtypes:
+                for d in args.devices:
+                    name = f"jax/{DTYPES[dtype]}" + (f"/{d}dev" if d > 1 else "")
+                    steps[name], dtypes[name] = jax_train_step(cfg.replace(dtype=dtype), blocks, d), dtype
         if "torch" in frameworks:
-            steps["torch"] = torch_train_step(cfg, blocks, args.threads)
+            for dtype in args.torch_dtypes:
+                name = f"torch/{DTYPES[dtype]}"
+                steps[name], dtypes[name] = torch_train_step(cfg, blocks, args.threads, dtype), dtype
         for name, (seconds, cpu) in median_times(steps, args.warmup, args.steps).items():
             tps = tokens / seconds
-            row["runs"][name] = {"step_s": seconds, "cpu_s": cpu, "tokens_per_s": tps,
-                                 "mfu": tps * row["flops_per_token"] / peak["peak"]}
+            row["runs"][name] = {"step_s": seconds, "cpu_s": cpu, "tokens_per_s": tps, "dtype": dtypes[name],
+                                 "mfu": tps * row["flops_per_token"] / peak[dtypes[name]]["peak"]}
             print(f"  {row['size']} {name}: {seconds:.3f} s/step ({cpu:.3f} CPU s), {tps:,.0f} tokens/s", flush=True)
-    for row in rows:
-        if "torch" in row["runs"]:
-            torch_tps = row["runs"]["torch"]["tokens_per_s"]
-            row["speedup_vs_torch"] = {name: r["tokens_per_s"] / torch_tps
-                                       for name, r in row["runs"].items() if name != "torch"}
+        row["speedup_vs"] = {base: {name: r["tokens_per_s"] / row["runs"][base]["tokens_per_s"]
+                                    for name, r in row["runs"].items() if not name.startswith("torch")}
+                             for base in row["runs"] if base.startswith("torch")}
     result = {"machine": info, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "devices": args.devices,
               "results": rows}
