@@ -121,16 +121,23 @@ def attention_bias(attention_mask, segment_ids, length):
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
 
 
-def _transposed(x):
-    """x with its last two axes swapped, materialised in row-major order.
+def _row_major(x):
+    """x, materialised in row-major order (on CPU; elsewhere x as is).
 
-    XLA:CPU runs a matmul fast only when its left operand contracts over its last axis in memory. Left alone, XLA
-    folds a transpose into the matmul (or gives it a column-major layout) and then computes the product 1.2x
-    (float32) to 6x (bfloat16, upcast to float32) slower. The barrier on the flattened copy pins the order.
+    XLA:CPU runs a matmul fast only when its operands lie in memory as plain row-major arrays and the left one
+    contracts over its last axis. Given a transposed view instead, XLA folds the transpose into the matmul or gives
+    it a column-major layout, and then computes the product 1.2x (float32) to 6x (bfloat16, which it upcasts to
+    float32) slower. An optimization barrier on the flattened array pins the order: a 1-D array has one layout.
+    GPU and TPU compilers choose layouts well, so there the barrier is left out.
     """
-    *lead, m, n = x.shape
-    flat = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(*lead, m * n))
-    return flat.reshape(*lead, n, m)
+    if jax.default_backend() != "cpu":
+        return x
+    return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
+
+
+def _transposed(x):
+    """x with its last two axes swapped, materialised in row-major order (see `_row_major`)."""
+    return _row_major(jnp.swapaxes(x, -1, -2))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -226,6 +233,7 @@ def _attention_bwd(residuals, d_out):
     and the softmax backward uses rowsum(d_out * out), a [G*L, D] reduction, for rowsum(d_probs * probs)."""
     q, k, v, probs, out, bias = residuals  # q is already scaled by 1/sqrt(D)
     d = q.shape[-1]
+    d_out = _row_major(d_out)
     d_probs = _einsum("bkqd,bksd->bkqs", d_out, v, jnp.float32)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(q.dtype)
@@ -263,10 +271,10 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
         # Heads-major layout: q [B, KV, G*L, D] (query heads grouped per kv head), k/v [B, KV, L, D].
-        q = q.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * l, d)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        q = _row_major(q.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * l, d))
+        k, v = _row_major(k.transpose(0, 2, 1, 3)), _row_major(v.transpose(0, 2, 1, 3))
         out = dot_product_attention(q, k, v, bias)
-        out = out.reshape(b, kv, h // kv, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h * d)
+        out = _row_major(out.reshape(b, kv, h // kv, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h * d))
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
         return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
 
