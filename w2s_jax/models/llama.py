@@ -122,39 +122,49 @@ def attention_bias(attention_mask, segment_ids, length):
 
 
 def _row_major(x):
-    """x, materialised in row-major order (on CPU; elsewhere x as is).
+    """x, materialised in row-major order when it is a bfloat16 (or other 16-bit) array on CPU; else x as is.
 
-    XLA:CPU runs a matmul fast only when its operands lie in memory as plain row-major arrays and the left one
-    contracts over its last axis. Given a transposed view instead, XLA folds the transpose into the matmul or gives
-    it a column-major layout, and then computes the product 1.2x (float32) to 6x (bfloat16, which it upcasts to
-    float32) slower. An optimization barrier on the flattened array pins the order: a 1-D array has one layout.
-    GPU and TPU compilers choose layouts well, so there the barrier is left out.
+    XLA:CPU runs a bfloat16 x bfloat16 -> float32 matmul fast (AMX) only when its operands lie in memory as plain
+    row-major arrays. Given a transposed view instead, XLA folds the transpose into the matmul or gives it a
+    column-major layout, and then upcasts the matmul to float32: up to 6x slower. An optimization barrier on the
+    flattened array pins the order (a 1-D array has one layout). In float32 the extra copy costs more than it saves
+    on small models, and GPU and TPU compilers choose layouts well, so there the barrier is left out.
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or jnp.dtype(x.dtype).itemsize > 2:
         return x
     return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
 def _transposed(x):
-    """x with its last two axes swapped, materialised in row-major order (see `_row_major`)."""
-    return _row_major(jnp.swapaxes(x, -1, -2))
+    """x with its last two axes swapped and materialised, so a matmul reads it as a plain array (see `_row_major`).
+    In float32 a plain barrier is enough: it keeps XLA from folding the transpose into the matmul, which XLA:CPU
+    then computes ~1.2-2x slower."""
+    swapped = jnp.swapaxes(x, -1, -2)
+    if jnp.dtype(x.dtype).itemsize > 2:
+        return jax.lax.optimization_barrier(swapped)
+    return _row_major(swapped)
+
+
+def project(x, kernel, out_dtype):
+    """`x @ kernel` for x: [tokens, in] in the compute dtype and kernel: [in, out] in the parameter dtype, computed
+    in x's dtype, accumulated in float32 and returned as `out_dtype`. Low-precision inputs take `_project_mixed`,
+    whose backward keeps XLA:CPU's matmuls in bfloat16; float32 is a plain matmul with JAX's own gradient."""
+    if jnp.dtype(x.dtype).itemsize > 2:
+        return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+    return _project_mixed(x, kernel, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def project(x, kernel, out_dtype):
-    """`x @ kernel` for x: [tokens, in] in the compute dtype and kernel: [in, out] in the parameter dtype, computed
-    in x's dtype, accumulated in float32 and returned as `out_dtype`.
-
-    The hand-written backward keeps every matmul in its fast form on CPU: the cotangent is cast to the compute
-    dtype (so bfloat16 training runs bfloat16 x bfloat16 -> float32 matmuls, not float32 ones), the kernel
-    gradient is `x^T @ dy` with `x^T` materialised (see `_transposed`), and it is returned in the parameter dtype
-    straight from the float32 accumulator, never rounded to bfloat16 on the way.
-    """
+def _project_mixed(x, kernel, out_dtype):
+    """`project` for bfloat16 (16-bit) x. The hand-written backward casts the float32 cotangent to x's dtype (so
+    the backward matmuls are bfloat16 x bfloat16 -> float32, not float32 ones), computes the kernel gradient as
+    `x^T @ dy` with `x^T` materialised row-major (see `_row_major`), and returns it in the parameter dtype straight
+    from the float32 accumulator, never rounded to bfloat16 on the way."""
     return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def _project_fwd(x, kernel, out_dtype):
-    return project(x, kernel, out_dtype), (x, kernel)
+    return _project_mixed(x, kernel, out_dtype), (x, kernel)
 
 
 def _project_bwd(out_dtype, residuals, dy):
@@ -166,7 +176,7 @@ def _project_bwd(out_dtype, residuals, dy):
     return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+_project_mixed.defvjp(_project_fwd, _project_bwd)
 
 
 class Dense(nn.Module):
