@@ -65,7 +65,7 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time():
         seq = list(prompt)
         for _ in range(3):
             seq.append(int(jnp.argmax(model.apply({"params": params}, jnp.asarray([seq]))[0, -1])))
-        gen = [t for t in seq[len(prompt):]]
+        gen = seq[len(prompt):]
         if 2 in gen:
             gen = gen[:gen.index(2)]
         assert text == generate.first_word(_Tok().decode(gen))

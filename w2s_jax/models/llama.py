@@ -7,7 +7,6 @@ carry logical axis names; `w2s_jax.parallel` maps them onto the ('data', 'fsdp',
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
@@ -121,6 +120,10 @@ def attention_bias(attention_mask, segment_ids, length):
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
 
 
+def _is_16bit(x) -> bool:
+    return jnp.dtype(x.dtype).itemsize <= 2
+
+
 def _row_major(x):
     """x, materialised in row-major order when it is a bfloat16 (or other 16-bit) array on CPU; else x as is.
 
@@ -130,7 +133,7 @@ def _row_major(x):
     flattened array pins the order (a 1-D array has one layout). In float32 the extra copy costs more than it saves
     on small models, and GPU and TPU compilers choose layouts well, so there the barrier is left out.
     """
-    if jax.default_backend() != "cpu" or jnp.dtype(x.dtype).itemsize > 2:
+    if jax.default_backend() != "cpu" or not _is_16bit(x):
         return x
     return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
@@ -140,31 +143,30 @@ def _transposed(x):
     In float32 a plain barrier is enough: it keeps XLA from folding the transpose into the matmul, which XLA:CPU
     then computes ~1.2-2x slower."""
     swapped = jnp.swapaxes(x, -1, -2)
-    if jnp.dtype(x.dtype).itemsize > 2:
-        return jax.lax.optimization_barrier(swapped)
-    return _row_major(swapped)
+    return _row_major(swapped) if _is_16bit(x) else jax.lax.optimization_barrier(swapped)
+
+
+def _matmul(x, kernel, out_dtype):
+    """x @ kernel in x's dtype, accumulated in float32, returned as `out_dtype`."""
+    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def project(x, kernel, out_dtype):
     """`x @ kernel` for x: [tokens, in] in the compute dtype and kernel: [in, out] in the parameter dtype, computed
-    in x's dtype, accumulated in float32 and returned as `out_dtype`. Low-precision inputs take `_project_mixed`,
-    whose backward keeps XLA:CPU's matmuls in bfloat16; float32 is a plain matmul with JAX's own gradient."""
-    if jnp.dtype(x.dtype).itemsize > 2:
-        return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
-    return _project_mixed(x, kernel, out_dtype)
+    in x's dtype, accumulated in float32 and returned as `out_dtype`. 16-bit inputs take `_project_mixed`, whose
+    backward keeps XLA:CPU's matmuls in bfloat16; float32 is a plain matmul with JAX's own gradient."""
+    return _project_mixed(x, kernel, out_dtype) if _is_16bit(x) else _matmul(x, kernel, out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project_mixed(x, kernel, out_dtype):
-    """`project` for bfloat16 (16-bit) x. The hand-written backward casts the float32 cotangent to x's dtype (so
-    the backward matmuls are bfloat16 x bfloat16 -> float32, not float32 ones), computes the kernel gradient as
-    `x^T @ dy` with `x^T` materialised row-major (see `_row_major`), and returns it in the parameter dtype straight
-    from the float32 accumulator, never rounded to bfloat16 on the way."""
-    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+# `project` for 16-bit x, with a hand-written backward: the float32 cotangent is cast to x's dtype (so the backward
+# matmuls are bfloat16 x bfloat16 -> float32, not float32 ones), the kernel gradient is `x^T @ dy` with `x^T`
+# materialised row-major (see `_row_major`), and it is returned in the parameter dtype straight from the float32
+# accumulator, never rounded to bfloat16 on the way.
+_project_mixed = jax.custom_vjp(_matmul, nondiff_argnums=(2,))
 
 
 def _project_fwd(x, kernel, out_dtype):
-    return _project_mixed(x, kernel, out_dtype), (x, kernel)
+    return _matmul(x, kernel, out_dtype), (x, kernel)
 
 
 def _project_bwd(out_dtype, residuals, dy):
