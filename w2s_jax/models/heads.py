@@ -8,9 +8,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM, project, project_grads
 
 NEG_INF = -1e9
 
@@ -29,15 +28,18 @@ def init_head(scoring: str, num_classes: int, lm_params, cfg: LlamaConfig, init:
     elif init == "unembed":
         if scoring != "classify" or label_token_ids is None or len(label_token_ids) != n:
             raise ValueError("train.head_init='unembed' needs classify scoring and one token per label word")
-        unembed = (lm_params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings
-                   else lm_params["lm_head"]["kernel"])
-        kernel = jnp.asarray(unembed)[:, jnp.asarray(label_token_ids)]
+        kernel = jnp.asarray(unembedding(cfg, lm_params))[:, jnp.asarray(label_token_ids)]
     else:
         raise ValueError(f"train.head_init={init!r}: expected 'zero' or 'unembed'")
     return {"kernel": kernel}
 
 
 HEAD_LOGICAL_AXES = {"kernel": ("embed", None)}
+
+
+def unembedding(cfg: LlamaConfig, lm_params):
+    """The LM head's kernel [hidden, vocab] (the embedding's transpose when tied)."""
+    return lm_params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else lm_params["lm_head"]["kernel"]
 
 
 def _gather_last(x, last_index):
@@ -78,10 +80,41 @@ def choice_logprobs(model: LlamaForCausalLM, lm_vars, batch):
     return jnp.einsum("bt,btk->bk", tok_logp, onehot)
 
 
+def _lm_head_ce_fwd(x, kernel, labels):
+    logits = project(x, kernel, jnp.float32)
+    logits = nn.with_logical_constraint(logits, ("batch", "act_vocab"))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    d_logits = (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32))
+    d_logits = (d_logits * (1.0 / x.shape[0])).astype(x.dtype)
+    return jnp.mean(lse - picked), (x, kernel, d_logits)
+
+
+def _lm_head_ce_bwd(residuals, g):
+    x, kernel, d_logits = residuals
+    dx, d_kernel = project_grads(x, kernel, d_logits)
+    return (dx * g).astype(dx.dtype), (d_kernel * g).astype(d_kernel.dtype), None
+
+
+@jax.custom_vjp
+def lm_head_cross_entropy(x, kernel, labels):
+    """mean_i CE(x_i @ kernel, labels_i): the LM head and the next-token loss in one, for x: [N, hidden] in the
+    compute dtype, kernel: [hidden, vocab] in the parameter dtype, labels: [N] ints.
+
+    The same value as `optax.softmax_cross_entropy_with_integer_labels` on `project(x, kernel)`, but the gradient
+    of the logits, (softmax - one_hot) / N, is computed in the forward pass while the logits are at hand, and kept
+    in x's dtype. Autodiff instead keeps the float32 logits, exponentiates them again in the backward pass and
+    writes a float32 gradient that the bfloat16 backward matmuls then convert: two passes over [N, vocab] more.
+    """
+    return _lm_head_ce_fwd(x, kernel, labels)[0]
+
+
+lm_head_cross_entropy.defvjp(_lm_head_ce_fwd, _lm_head_ce_bwd)
+
+
 def lm_loss(cfg: LlamaConfig, lm_params, blocks):
     """Next-token cross-entropy on [B, L+1] token blocks (pretraining and generative finetuning)."""
     inputs, labels = blocks[:, :-1], blocks[:, 1:]
-    logits = LlamaForCausalLM(cfg).apply({"params": lm_params}, inputs)
-    # logsumexp minus the label's logit: never materialises log-probabilities over the vocabulary (11-13% faster
-    # train steps on CPU, docs/BENCHMARKS.md)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    feats = LlamaForCausalLM(cfg).apply({"params": lm_params}, inputs, method=LlamaForCausalLM.features)
+    return lm_head_cross_entropy(feats.reshape(-1, feats.shape[-1]), unembedding(cfg, lm_params),
+                                 labels.reshape(-1).astype(jnp.int32))

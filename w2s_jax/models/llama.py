@@ -169,13 +169,18 @@ def _project_fwd(x, kernel, out_dtype):
     return _matmul(x, kernel, out_dtype), (x, kernel)
 
 
-def _project_bwd(out_dtype, residuals, dy):
-    x, kernel = residuals
+def project_grads(x, kernel, dy):
+    """Gradients (d_x, d_kernel) of `project(x, kernel)` for the output cotangent dy: matmuls in x's dtype with
+    float32 accumulation, `x^T` materialised (see `_transposed`), d_kernel in the parameter dtype."""
     dy = dy.astype(x.dtype)
     dx = jax.lax.dot_general(dy, kernel.astype(x.dtype), (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
     d_kernel = jnp.dot(_transposed(x), dy, preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+def _project_bwd(out_dtype, residuals, dy):
+    return project_grads(*residuals, dy)
 
 
 _project_mixed.defvjp(_project_fwd, _project_bwd)
