@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--torch_dtypes", default="float32,bfloat16",
                    help="PyTorch runs: float32 (the baseline) and/or bfloat16 (autocast)")
     p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
+    p.add_argument("--malloc", default="default", choices=("default", "retain", "auto"),
+                   help="host allocator of the whole process, so of both frameworks: glibc's default, or freed memory "
+                        "retained as launch/main.py does on CPU (w2s_jax.host_memory)")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
                    help="override the preset's scan_layers for our model (default: the preset's)")
     args = p.parse_args(argv)
@@ -269,8 +272,11 @@ def size_case(size: str, args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    pin_threads(args.threads, max(args.devices))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from w2s_jax import host_memory  # first: the allocator settings must precede jax's and torch's threads
+    retained = host_memory.retain_freed_memory(args.malloc)
+    print(f"host malloc: {'freed memory retained' if retained else 'glibc default'} (--malloc={args.malloc})")
+    pin_threads(args.threads, max(args.devices))
     frameworks = [f for f in args.frameworks.split(",") if f]
     unknown = sorted(set(frameworks) - {"jax", "torch"})
     if unknown:
@@ -303,7 +309,8 @@ def main(argv=None) -> dict:
         row["speedup_vs"] = {base: {name: r["tokens_per_s"] / row["runs"][base]["tokens_per_s"]
                                     for name, r in row["runs"].items() if not name.startswith("torch")}
                              for base in row["runs"] if base.startswith("torch")}
-    result = {"machine": info, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+    result = {"machine": info, "malloc_retained": retained,
+              "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "devices": args.devices,
               "results": rows}
     print()

@@ -46,8 +46,9 @@ def main(argv):
     cfg = _CONFIG.value
     logging.getLogger().setLevel(logging.WARNING)  # libraries (orbax, absl) stay quiet
     logging.getLogger("w2s_jax").setLevel(logging.INFO)
-    # Multi-host: initialise before anything touches a device.
-    from w2s_jax import parallel
+    # Before anything touches a device: the host allocator (it must precede XLA's threads), then multi-host.
+    from w2s_jax import host_memory, parallel
+    host_memory.retain_freed_memory(cfg.host_malloc)
     parallel.init_distributed(cfg.distributed)
     from w2s_jax import pipeline, report
     from w2s_jax.train import Preempted
