@@ -49,9 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--torch_dtypes", default="float32,bfloat16",
                    help="PyTorch runs: float32 (the baseline) and/or bfloat16 (autocast)")
     p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
-    p.add_argument("--malloc", default="default", choices=("default", "retain", "auto"),
+    p.add_argument("--malloc", default="default", choices=("default", "retain"),
                    help="host allocator of the whole process, so of both frameworks: glibc's default, or freed memory "
-                        "retained as launch/main.py does on CPU (w2s_jax.host_memory)")
+                        "retained (w2s_jax.host_memory; launch/main.py's --config.host_malloc=retain)")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
                    help="override the preset's scan_layers for our model (default: the preset's)")
     args = p.parse_args(argv)

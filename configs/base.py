@@ -79,9 +79,9 @@ def get_base_config():
     c.distributed = ml_collections.ConfigDict(dict(
         # "off", "auto" (TPU / Slurm detection) or "explicit"; -1 / "" = unset (then W2S_* environment variables)
         mode="off", coordinator_address="", num_processes=-1, process_id=-1))
-    # glibc malloc for host buffers (w2s_jax.host_memory): "auto" keeps freed memory in the process on CPU-only
-    # installs (no page faults on every step's buffers), "retain" always, "default" never.
-    c.host_malloc = "auto"
+    # glibc malloc for host buffers (w2s_jax.host_memory): "retain" keeps freed memory in the process, so CPU train
+    # steps do not page-fault their large buffers in every step; "default" leaves glibc as it is.
+    c.host_malloc = "default"
     return c
 
 

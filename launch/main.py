@@ -48,7 +48,10 @@ def main(argv):
     logging.getLogger("w2s_jax").setLevel(logging.INFO)
     # Before anything touches a device: the host allocator (it must precede XLA's threads), then multi-host.
     from w2s_jax import host_memory, parallel
-    host_memory.retain_freed_memory(cfg.host_malloc)
+    try:
+        host_memory.retain_freed_memory(cfg.host_malloc)
+    except ValueError as e:
+        sys.exit(f"error: config.{e}")
     parallel.init_distributed(cfg.distributed)
     from w2s_jax import pipeline, report
     from w2s_jax.train import Preempted

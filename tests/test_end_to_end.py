@@ -92,6 +92,7 @@ def test_sciq_local_files_end_to_end_with_every_method(tmp_path):
     ("--config.experiment.losses=xent,nope", "nope"),
     ("--config.train.bogus=1", "--config.train.bogus"),
     ("--config.experiment.methods=probe,magic", "unknown method 'magic'"),
+    ("--config.host_malloc=sometimes", "config.host_malloc='sometimes'"),
 ])
 def test_bad_config_fails_with_one_clear_message(tmp_path, override, message):
     proc = run_main("--config=configs/chess.py:smoke", f"--workdir={tmp_path}", override, check=False)

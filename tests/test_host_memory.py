@@ -54,11 +54,6 @@ def test_not_applied_once_jax_has_started():
     assert not applied and faults > 10_000
 
 
-def test_auto_leaves_accelerator_hosts_alone(monkeypatch):
-    monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: True)
-    assert host_memory.retain_freed_memory("auto") is False
-
-
 def test_unknown_mode_is_named():
     with pytest.raises(ValueError, match="'sometimes'"):
         host_memory.retain_freed_memory("sometimes")

@@ -5,7 +5,9 @@ threshold (32 MiB at most) from fresh anonymous pages and gives them back to the
 touches its large buffers (the [tokens, vocab] logits and their gradient, the attention scores) for the first time
 again: at bench-27m that is ~255,000 page faults and ~0.45 s of kernel time in a ~1.1 s step (docs/BENCHMARKS.md).
 With one malloc arena, no mmap for large blocks and no trimming, freed blocks stay in the heap and the next step
-reuses them. The cost: the process keeps its peak host memory until it exits.
+reuses them. The cost: the process keeps its peak host memory until it exits, and threads that allocate a lot
+at once share one arena (PyTorch's autocast slowed down with it). Whole train steps got faster on average, but not
+in every run, so it is opt-in: `--config.host_malloc=retain`, `bench/throughput.py --malloc=retain`.
 
 The settings only take hold if made before XLA starts its threads (each thread would otherwise keep an arena of its
 own), so entry points call `retain_freed_memory` first thing, before any device is touched.
@@ -13,19 +15,11 @@ own), so entry points call `retain_freed_memory` first thing, before any device 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import sys
 
 # mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 _INT_MAX = 2 ** 31 - 1
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
-
-
-def accelerator_plugin_installed() -> bool:
-    """Whether jax will find a GPU or TPU plugin (then device buffers are not host malloc, and the host's own
-    multi-threaded work is better served by glibc's defaults)."""
-    return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
 def _backend_started() -> bool:
@@ -33,17 +27,14 @@ def _backend_started() -> bool:
     return xla_bridge is not None and xla_bridge.backends_are_initialized()
 
 
-def retain_freed_memory(mode: str = "auto") -> bool:
-    """Set glibc's malloc to keep freed memory (one arena, no mmap, no trim). Returns whether it did.
-
-    mode: "retain" (always, on glibc), "default" (never) or "auto" (retain unless a GPU/TPU plugin is installed).
-    A no-op off glibc, and once jax's backend has started (too late: its threads already hold arenas).
+def retain_freed_memory(mode: str = "retain") -> bool:
+    """Set glibc's malloc to keep freed memory (one arena, no mmap, no trim) when mode is "retain"; "default"
+    leaves glibc as it is. Returns whether the settings were made: never off glibc, nor once jax's backend has
+    started (too late: its threads already hold arenas of their own).
     """
-    if mode not in ("auto", "retain", "default"):
-        raise ValueError(f"host malloc mode {mode!r}: expected 'auto', 'retain' or 'default'")
-    if mode == "default" or (mode == "auto" and accelerator_plugin_installed()):
-        return False
-    if not sys.platform.startswith("linux") or _backend_started():
+    if mode not in ("retain", "default"):
+        raise ValueError(f"host_malloc={mode!r}: expected 'retain' or 'default'")
+    if mode == "default" or not sys.platform.startswith("linux") or _backend_started():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
