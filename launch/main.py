@@ -49,9 +49,11 @@ def main(argv):
     # Before anything touches a device: the host allocator (it must precede XLA's threads), then multi-host.
     from w2s_jax import host_memory, parallel
     try:
-        host_memory.retain_freed_memory(cfg.host_malloc)
+        retained = host_memory.retain_freed_memory(cfg.host_malloc)
     except ValueError as e:
         sys.exit(f"error: config.{e}")
+    if cfg.host_malloc == "retain" and not retained:
+        logging.getLogger("w2s_jax").warning("host_malloc=retain: not applied (needs glibc, before jax starts)")
     parallel.init_distributed(cfg.distributed)
     from w2s_jax import pipeline, report
     from w2s_jax.train import Preempted
