@@ -118,6 +118,21 @@ def test_padded_batch_matches_on_real_tokens(tmp_path, side):
     np.testing.assert_allclose(ours[1][real[1]], ours_alone[0], atol=ATOL, rtol=0)
 
 
+def test_positions_beyond_the_input_length_match_transformers(saved_variant):
+    """Explicit positions up to max_position_embeddings (here 116..127 for 12 tokens) take the rotary table's far
+    end; one past it gives NaN, never a silently wrong angle."""
+    hf_model, path = saved_variant
+    cfg, params = load_hf(path)
+    ids = random_ids((2, 12), cfg.vocab_size)
+    positions = np.broadcast_to(np.arange(cfg.max_position_embeddings - 12, cfg.max_position_embeddings), (2, 12))
+    ours = np.asarray(LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids),
+                                                  positions=jnp.asarray(positions)))
+    np.testing.assert_allclose(ours, hf_logits(hf_model, ids, positions=positions), atol=ATOL, rtol=0)
+    outside = np.asarray(LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids),
+                                                     positions=jnp.asarray(positions + 1)))
+    assert np.isnan(outside).all()  # the NaN key reaches every query of its sequence
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_hidden_states_match_transformers(tmp_path, scan):
     hf_model = make_hf_model(**{**VARIANTS["gqa"], "num_hidden_layers": 3})

@@ -1,0 +1,61 @@
+"""Pieces of the Flax LLaMA on their own: the rotary tables and RMSNorm in mixed precision."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from w2s_jax.models import llama
+
+CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40)
+
+
+def test_rope_table_lookup_equals_the_direct_formula():
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, 40, size=(3, 10)))
+    cos, sin = llama.rope_cos_sin(CFG, positions, 10)
+    freqs = positions[..., None].astype(jnp.float32) * llama.rope_inv_freq(CFG)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    np.testing.assert_allclose(cos, jnp.cos(emb), atol=1e-6)
+    np.testing.assert_allclose(sin, jnp.sin(emb), atol=1e-6)
+    # No positions: 0..L-1 for every row, L may exceed max_position_embeddings.
+    default = llama.rope_cos_sin(CFG, None, 50)
+    explicit = llama.rope_cos_sin(CFG, jnp.arange(50)[None], 50)
+    np.testing.assert_array_equal(default[0], explicit[0])
+    np.testing.assert_array_equal(default[1], explicit[1])
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_rotary_tables_are_computed_once_per_step(with_positions):
+    """XLA fuses an element-wise sin/cos into every consumer: 4 per layer (q and k, forward and backward) when they
+    are computed in place. The compiled gradient must hold one of each, whatever the number of layers."""
+    cfg = CFG.replace(dtype="bfloat16")
+    model = llama.LlamaForCausalLM(cfg)
+    ids = jnp.zeros((2, 16), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16)) if with_positions else None
+    params = nn.meta.unbox(model.init(jax.random.key(0), ids)["params"])
+
+    def loss(p):
+        logits = model.apply({"params": p}, ids, positions=positions)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
+
+
+def test_bfloat16_rmsnorm_scale_gradient_is_summed_in_float32():
+    """The scale's gradient sums over all 4,096 tokens; a bfloat16 product would sum it in bfloat16 (2.3% error
+    here, against 0.25% with the float32 product)."""
+    x = jax.random.normal(jax.random.key(0), (8, 512, 64))
+    w = jax.random.normal(jax.random.key(1), (8, 512, 64))
+
+    def scale_grad(dtype):
+        norm = llama.RMSNorm(1e-6, dtype, "float32")
+        params = {"params": {"scale": 1.0 + 0.3 * jax.random.normal(jax.random.key(2), (64,))}}
+        f = lambda p: jnp.sum(norm.apply(p, x.astype(dtype)).astype(jnp.float32) * w)
+        return jax.grad(f)(params)["params"]["scale"]
+
+    exact, mixed = scale_grad("float32"), scale_grad("bfloat16")
+    assert mixed.dtype == jnp.float32
+    assert np.linalg.norm(mixed - exact) / np.linalg.norm(exact) < 0.005
