@@ -257,9 +257,8 @@ def _einsum(spec, a, b, dtype=None):
 
 
 def _attention_fwd(q, k, v, bias):
-    b, kv, gl, d = q.shape
+    b, kv, gl, _ = q.shape
     l, s = bias.shape[-2:]
-    q = q * jnp.asarray(1 / math.sqrt(d), q.dtype)  # scaling q costs [G*L, D] multiplies, the scores [G*L, S]
     scores = _einsum("bkqd,bksd->bkqs", q, k, jnp.float32)
     scores = scores.reshape(b, kv, gl // l, l, s) + bias[:, :, None]  # bias: [B, 1, L, S]
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv, gl, s).astype(v.dtype)
@@ -271,13 +270,12 @@ def _attention_bwd(residuals, d_out):
     """Hand-written backward. The two matmuls that contract over queries (d_v = probs^T d_out and
     d_k = d_scores^T q) are computed transposed, (d_out^T probs)^T, so only small [D, L] operands get transposed;
     and the softmax backward uses rowsum(d_out * out), a [G*L, D] reduction, for rowsum(d_probs * probs)."""
-    q, k, v, probs, out, bias = residuals  # q is already scaled by 1/sqrt(D)
-    d = q.shape[-1]
+    q, k, v, probs, out, bias = residuals
     d_out = _row_major(d_out)
     d_probs = _einsum("bkqd,bksd->bkqs", d_out, v, jnp.float32)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(q.dtype)
-    d_q = _einsum("bkqs,bksd->bkqd", d_scores, k) * jnp.asarray(1 / math.sqrt(d), q.dtype)
+    d_q = _einsum("bkqs,bksd->bkqd", d_scores, k)
     d_v = _transposed(_einsum("bkdq,bkqs->bkds", _transposed(d_out), probs))
     d_k = _transposed(_einsum("bkdq,bkqs->bkds", _transposed(q), d_scores))
     return d_q, d_k, d_v, jnp.zeros_like(bias)
@@ -285,7 +283,8 @@ def _attention_bwd(residuals, d_out):
 
 @jax.custom_vjp
 def dot_product_attention(q, k, v, bias):
-    """softmax(q k^T / sqrt(D) + bias) v for q: [B, KV, G*L, D], k/v: [B, KV, S, D], bias: [B, 1, L, S].
+    """softmax(q k^T + bias) v for q: [B, KV, G*L, D] already scaled by 1/sqrt(D) (the caller folds the scale into
+    q's rotary tables), k/v: [B, KV, S, D], bias: [B, 1, L, S].
 
     The G query heads that share a kv head are stacked along the query axis, so grouped-query attention needs
     no repeated k/v and every matmul is a plain batched [B, KV] matmul.
@@ -307,7 +306,9 @@ class Attention(nn.Module):
         q = _dense(h * d, ("embed", "heads"), cfg, "q_proj")(x).reshape(b, l, h, d)
         k = _dense(kv * d, ("embed", "kv_heads"), cfg, "k_proj")(x).reshape(b, l, kv, d)
         v = _dense(kv * d, ("embed", "kv_heads"), cfg, "v_proj")(x).reshape(b, l, kv, d)
-        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+        # The softmax scale 1/sqrt(D) rides on q's rotation (tables [L, D], not [B, L, H, D] multiplies), in float32.
+        q = apply_rope(q, cos / math.sqrt(d), sin / math.sqrt(d))
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
         # Heads-major layout: q [B, KV, G*L, D] (query heads grouped per kv head), k/v [B, KV, L, D].
@@ -327,7 +328,9 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
         up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
-        act = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        # In float32: XLA:CPU would round every step of a 16-bit silu to bfloat16 (slower, and less accurate).
+        act = (nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+        act = nn.with_logical_constraint(act, ("batch", "length", "act_mlp"))
         return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(act)
 
 
