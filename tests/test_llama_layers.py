@@ -59,3 +59,13 @@ def test_bfloat16_rmsnorm_scale_gradient_is_summed_in_float32():
     exact, mixed = scale_grad("float32"), scale_grad("bfloat16")
     assert mixed.dtype == jnp.float32
     assert np.linalg.norm(mixed - exact) / np.linalg.norm(exact) < 0.005
+
+
+def test_cpu_layout_pins_can_be_turned_off(monkeypatch):
+    """On CPU, 16-bit matmul operands are pinned row-major by an optimization barrier; bench/memory.py turns the
+    pins off to plan the memory of an accelerator's program, which has none."""
+    pinned = lambda: "optimization_barrier" in str(jax.make_jaxpr(lambda x: llama._row_major(x))(
+        jnp.ones((4, 8), jnp.bfloat16)))  # a new function each time: make_jaxpr caches traces by function
+    assert pinned()
+    monkeypatch.setattr(llama, "CPU_LAYOUT_PINS", False)
+    assert not pinned()
