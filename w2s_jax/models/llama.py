@@ -390,7 +390,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _trunk(self, input_ids, attention_mask, positions, segment_ids, keep_all):
         cfg = self.config
-        b, l = input_ids.shape
+        l = input_ids.shape[1]
         cos, sin = rope_cos_sin(cfg, positions, l)
         bias = attention_bias(attention_mask, segment_ids, l)
         x = self.embed_tokens(input_ids.astype(jnp.int32))
