@@ -1,4 +1,4 @@
-"""Pieces of the Flax LLaMA on their own: the rotary tables and RMSNorm in mixed precision."""
+"""Pieces of the Flax LLaMA on their own: the rotary tables, RMSNorm and the SwiGLU product in mixed precision."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,3 +69,47 @@ def test_cpu_layout_pins_can_be_turned_off(monkeypatch):
     assert pinned()
     monkeypatch.setattr(llama, "CPU_LAYOUT_PINS", False)
     assert not pinned()
+
+
+def _swiglu_formula(gate, up):
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_value_and_gradients_equal_autodiff(dtype):
+    rng = np.random.default_rng(0)
+    gate, up, weight = (jnp.asarray(rng.normal(size=(6, 40)) * 3, jnp.float32) for _ in range(3))
+    gate, up = gate.astype(dtype), up.astype(dtype)
+    ours = lambda g, u: jnp.sum(llama.swiglu(g, u).astype(jnp.float32) * weight)
+    ref = lambda g, u: jnp.sum(_swiglu_formula(g, u).astype(jnp.float32) * weight)
+    np.testing.assert_array_equal(llama.swiglu(gate, up), _swiglu_formula(gate, up))
+    got, want = jax.grad(ours, (0, 1))(gate, up), jax.grad(ref, (0, 1))(gate, up)
+    # float32: the sigmoid's two formulas differ by a few ulp, which d_gate's zero at g = -1.28 makes relative;
+    # bfloat16: both round nearly the same float32 gradient to bfloat16, one ulp apart at most
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -7, atol=1e-5)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **tol)
+
+
+def test_swiglu_keeps_no_float32_intermediates_for_the_backward_pass():
+    """The compiled gradient of four bfloat16 MLP blocks: with autodiff of the float32 product, XLA keeps float32
+    intermediates of each block's forward pass ([tokens, intermediate]) until its backward pass; `swiglu` keeps
+    only gate and up, so the scratch memory is smaller by at least one such array a block but the last."""
+    rng = np.random.default_rng(1)
+    tokens, hidden, intermediate, blocks = 512, 64, 256, 4
+    x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.bfloat16)
+    weights = [tuple(jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32)
+                     for s in ((hidden, intermediate), (hidden, intermediate), (intermediate, hidden)))
+               for _ in range(blocks)]
+
+    def temp_bytes(product):
+        def loss(weights):
+            h = x
+            for w_gate, w_up, w_down in weights:
+                act = product(llama.project(h, w_gate, jnp.bfloat16), llama.project(h, w_up, jnp.bfloat16))
+                h = h + llama.project(act, w_down, jnp.bfloat16)
+            return jnp.sum(h.astype(jnp.float32))
+        return jax.jit(jax.grad(loss)).lower(weights).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(llama.swiglu) + (blocks - 1) * tokens * intermediate * 4 <= temp_bytes(_swiglu_formula)

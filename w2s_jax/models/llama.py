@@ -325,6 +325,35 @@ class Attention(nn.Module):
         return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
 
 
+def _swiglu_fwd(gate, up):
+    # In float32: XLA:CPU would round every step of a 16-bit silu to bfloat16 (slower, and less accurate).
+    act = nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+    return act.astype(gate.dtype), (gate, up)
+
+
+def _swiglu_bwd(residuals, d_act):
+    gate, up = residuals
+    g, u, d_act = gate.astype(jnp.float32), up.astype(jnp.float32), d_act.astype(jnp.float32)
+    # sigmoid(g) as 0.5 tanh(g / 2) + 0.5, not as the forward's 1 / (1 + exp(-g)): XLA would merge the two
+    # identical expressions and keep the forward's float32 sigmoid (and silu) alive until the backward pass.
+    sig = 0.5 * jnp.tanh(0.5 * g) + 0.5
+    d_gate = d_act * u * (sig * (1.0 + g * (1.0 - sig)))
+    d_up = d_act * (g * sig)
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) * up, computed in float32 and returned in gate's dtype. Its backward pass keeps only gate and up
+    (in the compute dtype) and recomputes the sigmoid from them. With autodiff, XLA keeps the forward pass's
+    float32 sigmoid and silu ([tokens, intermediate] each) for the backward pass, and XLA:CPU writes them out in
+    three passes where the product alone takes one."""
+    return _swiglu_fwd(gate, up)[0]
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
     cfg: LlamaConfig
 
@@ -333,8 +362,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
         up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
-        # In float32: XLA:CPU would round every step of a 16-bit silu to bfloat16 (slower, and less accurate).
-        act = (nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+        act = swiglu(gate, up)
         act = nn.with_logical_constraint(act, ("batch", "length", "act_mlp"))
         return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(act)
 
