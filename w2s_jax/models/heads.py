@@ -5,6 +5,8 @@ plain functions of the trunk's features, so the same LLaMA parameters serve ever
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,33 +82,80 @@ def choice_logprobs(model: LlamaForCausalLM, lm_vars, batch):
     return jnp.einsum("bt,btk->bk", tok_logp, onehot)
 
 
-def _lm_head_ce_fwd(x, kernel, labels):
-    logits = project(x, kernel, jnp.float32)
-    logits = nn.with_logical_constraint(logits, ("batch", "act_vocab"))
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    d_logits = (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32))
-    d_logits = (d_logits * (1.0 / x.shape[0])).astype(x.dtype)
-    return jnp.mean(lse - picked), (x, kernel, d_logits)
+# The largest float32 logits block the LM loss holds at once. Its chunks' buffers are reused from one chunk to the
+# next, where whole [tokens, vocab] logits and their gradient would be fresh memory on every step: a CPU pays for
+# each fresh page with a page fault and the kernel zeroing it (docs/BENCHMARKS.md, change 13), an accelerator with
+# memory the activations could use.
+LOGITS_CHUNK_BYTES = 16 * 2 ** 20
 
 
-def _lm_head_ce_bwd(residuals, g):
-    x, kernel, d_logits = residuals
-    dx, d_kernel = project_grads(x, kernel, d_logits)
-    return (dx * g).astype(dx.dtype), (d_kernel * g).astype(d_kernel.dtype), None
+def loss_chunks(tokens: int, vocab: int) -> int:
+    """The number of token chunks `lm_head_cross_entropy` uses by default: the fewest (a power of two dividing
+    `tokens`) whose float32 logits fit in LOGITS_CHUNK_BYTES."""
+    chunks = 1
+    while tokens * vocab * 4 > chunks * LOGITS_CHUNK_BYTES and tokens % (2 * chunks) == 0:
+        chunks *= 2
+    return chunks
 
 
-@jax.custom_vjp
-def lm_head_cross_entropy(x, kernel, labels):
+def _chunked_cross_entropy(x, kernel, labels, chunks, with_grads):
+    """sum_i CE(x_i @ kernel, labels_i) / N over `chunks` chunks of tokens, one after the other (a scan), and with
+    `with_grads` the gradients of that mean for x and kernel too, while each chunk's logits are at hand."""
+    n, hidden = x.shape
+    chunks = loss_chunks(n, kernel.shape[-1]) if chunks is None else chunks
+    if chunks < 1 or n % chunks:
+        raise ValueError(f"lm_head_cross_entropy: chunks={chunks} must divide the number of tokens ({n})")
+    # Chunk c holds tokens c, c + chunks, c + 2 * chunks, ...: strided, so a batch sharded over devices is split
+    # over them the same way in every chunk.
+    xs = x.reshape(n // chunks, chunks, hidden).swapaxes(0, 1)
+    ys = labels.reshape(n // chunks, chunks).swapaxes(0, 1)
+
+    def chunk_step(d_kernel, chunk):
+        x_c, y_c = chunk
+        logits = project(x_c, kernel, jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "act_vocab"))
+        shift = jnp.max(logits, axis=-1, keepdims=True)
+        exps = jnp.exp(logits - shift)
+        total = jnp.sum(exps, axis=-1, keepdims=True)
+        picked = jnp.take_along_axis(logits, y_c[:, None], axis=-1)
+        loss = jnp.sum(shift + jnp.log(total) - picked)
+        if not with_grads:
+            return d_kernel, (loss, None)
+        # (softmax - one_hot) / N from the exponentials already at hand, in x's dtype for the bfloat16 matmuls
+        one_hot = jax.nn.one_hot(y_c, logits.shape[-1], dtype=jnp.float32)
+        d_logits = (exps * (1.0 / (total * n)) - one_hot * (1.0 / n)).astype(x.dtype)
+        d_x, d_kernel_c = project_grads(x_c, kernel, d_logits)
+        return d_kernel + d_kernel_c.astype(jnp.float32), (loss, d_x)
+
+    d_kernel, (losses, d_xs) = jax.lax.scan(chunk_step, jnp.zeros(kernel.shape, jnp.float32), (xs, ys))
+    loss = jnp.sum(losses) / n
+    if not with_grads:
+        return loss
+    return loss, (d_xs.swapaxes(0, 1).reshape(n, hidden), d_kernel.astype(kernel.dtype))
+
+
+def _lm_head_ce_fwd(x, kernel, labels, chunks):
+    return _chunked_cross_entropy(x, kernel, labels, chunks, with_grads=True)
+
+
+def _lm_head_ce_bwd(chunks, grads, g):
+    d_x, d_kernel = grads
+    return (d_x * g).astype(d_x.dtype), (d_kernel * g).astype(d_kernel.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lm_head_cross_entropy(x, kernel, labels, chunks=None):
     """mean_i CE(x_i @ kernel, labels_i): the LM head and the next-token loss in one, for x: [N, hidden] in the
     compute dtype, kernel: [hidden, vocab] in the parameter dtype, labels: [N] ints.
 
-    The same value as `optax.softmax_cross_entropy_with_integer_labels` on `project(x, kernel)`, but the gradient
-    of the logits, (softmax - one_hot) / N, is computed in the forward pass while the logits are at hand, and kept
-    in x's dtype. Autodiff instead keeps the float32 logits, exponentiates them again in the backward pass and
-    writes a float32 gradient that the bfloat16 backward matmuls then convert: two passes over [N, vocab] more.
+    The same value as `optax.softmax_cross_entropy_with_integer_labels` on `project(x, kernel)`, computed over
+    `chunks` chunks of tokens in turn (default `loss_chunks`), so no more than one chunk's [N / chunks, vocab]
+    logits exist at a time. Under differentiation the forward pass also computes the gradients of x and kernel,
+    chunk by chunk from the logits' exponentials, with the logits' gradient (softmax - one_hot) / N in x's dtype;
+    the backward pass only scales them. Autodiff would instead keep all the float32 logits, exponentiate them again
+    in the backward pass and write a float32 gradient that the bfloat16 backward matmuls then convert.
     """
-    return _lm_head_ce_fwd(x, kernel, labels)[0]
+    return _chunked_cross_entropy(x, kernel, labels, chunks, with_grads=False)
 
 
 lm_head_cross_entropy.defvjp(_lm_head_ce_fwd, _lm_head_ce_bwd)
