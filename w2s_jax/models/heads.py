@@ -84,7 +84,7 @@ def choice_logprobs(model: LlamaForCausalLM, lm_vars, batch):
 
 # The largest float32 logits block the LM loss holds at once. Its chunks' buffers are reused from one chunk to the
 # next, where whole [tokens, vocab] logits and their gradient would be fresh memory on every step: a CPU pays for
-# each fresh page with a page fault and the kernel zeroing it (docs/BENCHMARKS.md, change 13), an accelerator with
+# each fresh page with a page fault and the kernel zeroing it (docs/BENCHMARKS.md, change 14), an accelerator with
 # memory the activations could use.
 LOGITS_CHUNK_BYTES = 16 * 2 ** 20
 
