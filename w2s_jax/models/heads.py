@@ -127,7 +127,8 @@ def _chunked_cross_entropy(x, kernel, labels, chunks, with_grads):
         d_x, d_kernel_c = project_grads(x_c, kernel, d_logits)
         return d_kernel + d_kernel_c.astype(jnp.float32), (loss, d_x)
 
-    d_kernel, (losses, d_xs) = jax.lax.scan(chunk_step, jnp.zeros(kernel.shape, jnp.float32), (xs, ys))
+    d_kernel = jnp.zeros(kernel.shape, jnp.float32) if with_grads else None  # the kernel's gradient, summed
+    d_kernel, (losses, d_xs) = jax.lax.scan(chunk_step, d_kernel, (xs, ys))
     loss = jnp.sum(losses) / n
     if not with_grads:
         return loss
