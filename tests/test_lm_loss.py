@@ -112,8 +112,8 @@ def test_default_chunks_bound_the_logits_held_at_once():
 
 
 def test_chunked_gradient_holds_one_chunk_of_logits():
-    """The compiled gradient's scratch memory: all float32 logits of 2048 tokens (64 MiB) in one chunk, a quarter
-    of them with the default chunks."""
+    """The compiled gradient's scratch memory: at least all float32 logits of 2048 tokens (64 MiB) in one chunk,
+    under half of them with the default chunks (4, each holding a quarter)."""
     x = jnp.zeros((2048, 32), jnp.bfloat16)
     kernel = jnp.zeros((32, 8192), jnp.float32)
     labels = jnp.zeros(2048, jnp.int32)
