@@ -37,8 +37,21 @@ def test_error_agreement_counts_only_supervisor_mistakes():
     supervisor = [0, 1, 1, 0, 2]
     accepts = [[0], [0], [1], [1, 2], [2]]  # supervisor wrong on examples 1 and 3
     student = [1, 1, 0, 2, 0]  # agrees with the supervisor on 1, not on 3
-    assert metrics.error_agreement(student, supervisor, accepts) == 0.5
-    assert metrics.error_agreement([0, 0], [0, 1], [[0], [1]]) is None
+    supervisor_correct = metrics.correct(supervisor, accepts)
+    assert metrics.error_agreement(student, supervisor, supervisor_correct) == 0.5
+    assert metrics.error_agreement([0, 0], [0, 1], [True, True]) is None
+
+
+def test_agreement_compares_answers_not_indices():
+    """Under greedy decoding a generated move that is no candidate is index -1: two different illegal moves are
+    not agreement, the same one is (pipeline.answer_keys)."""
+    from w2s_jax.pipeline import answer_keys
+    examples = [{"candidates": [" e4", " Nf3"]}] * 3
+    weak = answer_keys(examples, [-1, -1, 1], ["Ke9", "Qxh9+", "Nf3"])
+    strong = answer_keys(examples, [-1, -1, 1], ["Kf9", "Qxh9", "Nf3"])
+    assert weak == ["unmatched:Ke9", "unmatched:Qxh9", "Nf3"]
+    assert metrics.agreement(strong, weak) == pytest.approx(2 / 3)  # Ke9 vs Kf9 differ; Qxh9+ is Qxh9
+    assert metrics.error_agreement(strong, weak, [False, False, True]) == 0.5
 
 
 def test_median_pgr_ignores_none():

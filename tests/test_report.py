@@ -45,12 +45,13 @@ def test_markdown_ground_truth_rows_in_size_order():
 
 def test_markdown_student_rows():
     md = report.results_markdown(RESULTS)
-    assert "| supervisor | student | method | early stopping | accuracy | PGR | agreement | error agreement |" in md
-    assert "| tiny | base | xent | none | 0.700 | 0.500 | 0.900 | 0.750 |" in md
-    assert "| tiny | base | logconf | none | 0.750 | 0.750 | 0.800 | 0.400 |" in md
-    assert "| small | base | xent | none | 0.780 | 0.800 | 0.850 | 0.600 |" in md
-    assert "| tiny | small | xent | none | 0.580 | n/a† | 0.950 | – |" in md
-    assert "| tiny | base | xent | GT oracle‡ | 0.720 | 0.600 | 0.880 | 0.700 |" in md
+    assert ("| supervisor | student | method | early stopping | accuracy [95% CI] | PGR [95% CI] | "
+            "agreement [95% CI] | error agreement | per seed |") in md
+    assert "| tiny | base | xent | none | 0.700 | 0.500 | 0.900 | 0.750 | – |" in md
+    assert "| tiny | base | logconf | none | 0.750 | 0.750 | 0.800 | 0.400 | – |" in md
+    assert "| small | base | xent | none | 0.780 | 0.800 | 0.850 | 0.600 | – |" in md
+    assert "| tiny | small | xent | none | 0.580 | n/a† | 0.950 | – | – |" in md
+    assert "| tiny | base | xent | GT oracle‡ | 0.720 | 0.600 | 0.880 | 0.700 | – |" in md
     assert report.FOOTNOTE_PGR in md and report.FOOTNOTE_ORACLE in md
     assert "- tiny models pretrained from scratch" in md
 
@@ -75,8 +76,8 @@ def test_text_table_has_the_numbers(capsys):
     report.print_table(RESULTS)
     out = capsys.readouterr().out
     lines = [line.split() for line in out.splitlines()]
-    assert ["small", "10M", "weak", "xent", "none", "0.700"] in lines
-    assert ["small", "base", "xent", "none", "0.780", "0.800", "0.850", "0.600"] in lines
+    assert ["small", "10M", "weak", "xent", "none", "0.700", "–"] in lines
+    assert ["small", "base", "xent", "none", "0.780", "0.800", "0.850", "0.600", "–"] in lines
     assert "n/a†" in out
 
 
@@ -140,3 +141,42 @@ def test_write_report(tmp_path):
     assert all(_is_png(tmp_path / "plots" / name) for name in ("accuracy_vs_size.png", "pgr_by_method.png"))
     assert len(paths) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "results.json", "results.md"]
+
+
+def test_intervals_seeds_and_provenance_are_printed():
+    results = copy.deepcopy(RESULTS)
+    results.update(command="python launch/main.py --config=configs/chess.py", commit="abc1234", seeds=[0, 1, 2],
+                   n_test=500, test_clusters=480, interval="95% two-level bootstrap")
+    base = results["runs"][0]
+    base.update(accuracy_ci=[0.75, 0.85], accuracy_seeds=[0.79, 0.8, 0.81])
+    student = results["runs"][3]
+    student.update(accuracy_ci=[0.65, 0.74], pgr_ci=[0.2, 0.8], agreement_ci=[0.85, 0.94])
+    undefined = results["runs"][6]
+    undefined["pgr_undefined"] = "gap within noise"
+    md = report.results_markdown(results)
+    assert "command: `python launch/main.py --config=configs/chess.py`  \ncommit: abc1234  \nseeds: 0, 1, 2" in md
+    assert "| base | 124M | ceiling | xent | none | 0.800 [0.750, 0.850] | 0.79 / 0.80 / 0.81 |" in md
+    assert "| tiny | base | xent | none | 0.700 [0.650, 0.740] | 0.500 [0.200, 0.800] | 0.900 [0.850, 0.940] |" in md
+    assert "| tiny | small | xent | none | 0.580 | n/a† (gap in noise) |" in md
+
+
+def test_chains_count_by_their_final_step_in_the_median():
+    results = copy.deepcopy(RESULTS)
+    results["runs"] += [
+        _run("chain1", "student", "small", 0.65, "tiny", "chain:tiny->small->base step 1", pgr=0.1,
+             chain_final=False, chain_step=1),
+        _run("chain2", "student", "base", 0.7, "tiny", "chain:tiny->small->base", pgr=0.5, chain_final=True,
+             chain_step=2)]
+    md = report.results_markdown(results)
+    assert "| chain:tiny->small->base | none | 1/1 | 0.500 |" in md
+    assert "step 1 | none | 1/1" not in md
+
+
+def test_pgr_plot_says_why_it_is_empty(tmp_path):
+    results = copy.deepcopy(RESULTS)
+    for r in results["runs"]:
+        if r["role"] == "student":
+            r["pgr"], r["pgr_undefined"] = None, "gap within noise"
+    fig = report._pgr_figure(results)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("no PGR is defined" in t and "gap within noise" in t for t in texts)

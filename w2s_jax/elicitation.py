@@ -1,56 +1,44 @@
 """Elicitation methods beyond finetuning (paper sections 5.1-5.3): linear probes on frozen features, finetune-then-
 probe, generative finetuning, and zero/few-shot prompting. Each is a stage of an `Experiment` (pipeline.py) that
-writes its result into the workdir and is skipped when done; each yields result rows like any other method.
+writes its result into the current seed's folder and is reused while its fingerprint (config keys and input
+digests) is unchanged; each yields result rows like any other method.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from w2s_jax import metrics, probe
+from w2s_jax import fingerprint, probe
 from w2s_jax.data import batching, prompting
 from w2s_jax import train as train_lib
 
 METHODS = ("probe", "finetune_probe", "genft", "zero_shot", "few_shot")
 
 
-def _cached_result(exp, name, compute):
-    path = exp.path("runs", name, "result.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    result = compute()
-    exp._write_json(path, result)
-    train_lib.barrier(f"done {name}")
-    return result
+def _accepts(exp):
+    return [e.get("accept", [e["label"]]) for e in exp.test]
 
 
-def _write_test_predictions(exp, name, preds):
-    rows = [{"id": ex["id"], "label": ex["label"], "prediction": int(p), "accept": ex.get("accept", [ex["label"]]),
-             "correct": int(p) in ex.get("accept", [ex["label"]])} for ex, p in zip(exp.test, preds)]
-    if exp.is_main:
-        metrics.write_predictions(exp.path("predictions", f"{name}.jsonl"), rows)
-
-
-def model_features(exp, model: str, split: str) -> np.ndarray:
-    """Frozen features of a (pretrained, not finetuned) model at `experiment.probe_layer`, cached per split."""
+def model_features(exp, model: str, split: str, examples: list[dict], enc: list[dict]) -> np.ndarray:
+    """Frozen features of a (pretrained, not finetuned) model at `probe.layer`, cached under a name holding the
+    digests of the weights and of the examples, so a changed input never reuses stale features."""
     layer = exp.cfg.probe.layer
-    path = exp.path("features", f"{model}_layer{layer}_{split}.npy")
+    key = f"{exp.model_digest(model)[:8]}_{exp.examples_digest(examples)[:8]}"
+    path = exp.path("features", f"{model}_layer{layer}_{split}_{key}.npy")
 
     def compute():
         lcfg, lm = exp.load_model(model)
-        return probe.extract_features(lcfg, lm, exp.enc[split], layer, exp.runtime, exp.cfg.eval.batch_size)
+        return probe.extract_features(lcfg, lm, enc, layer, exp.runtime, exp.cfg.eval.batch_size)
     return probe.cached_features(path, compute)
 
 
-def _fit_probe(exp, feats, targets, seed_offset=0):
+def _fit_probe(exp, feats, targets):
     p = exp.cfg.probe
     n_val = int(len(feats) * p.val_frac)
     val = (feats[:n_val], targets[:n_val]) if n_val else None
     return probe.train_logreg(feats[n_val:], targets[n_val:], l2=p.l2, lr=p.lr, epochs=p.epochs,
-                              batch_size=p.batch_size, seed=exp.cfg.seed + seed_offset, val=val, patience=p.patience)
+                              batch_size=p.batch_size, seed=exp.seed, val=val, patience=p.patience)
 
 
 def _stack(targets):
@@ -61,33 +49,49 @@ def _stack(targets):
     return out
 
 
-def probe_run(exp, name, train_feats, targets, test_feats) -> dict:
-    """Train a logistic-regression probe on (features, soft targets); predict the test set."""
+def probe_run(exp, name, train_feats, targets, test_feats, inputs: dict) -> dict:
+    """Train a logistic-regression probe on (features, soft targets); predict the test set. `inputs` are the
+    digests of what the features came from (they join the stage's fingerprint)."""
+    spec = {**inputs, "seed": exp.seed, "test_examples": exp.digests["test"],
+            **{f"probe.{k}": v for k, v in exp.cfg.probe.to_dict().items()},
+            "features": fingerprint.array_digest(train_feats), "test_features": fingerprint.array_digest(test_feats),
+            "targets": fingerprint.digest([np.round(t, 7).tolist() for t in targets])}
+
     def compute():
         params = _fit_probe(exp, train_feats, _stack(targets))
         preds = [int(p) for p in probe.probe_predict(params, test_feats)]
-        _write_test_predictions(exp, name, preds)
-        return {"run": name, "accuracy": metrics.accuracy(preds, [e.get("accept", [e["label"]]) for e in exp.test]),
-                "test_predictions": preds, "early_stopping": "none"}
-    return _cached_result(exp, name, compute)
+        return {"run": name, "early_stopping": "none", **exp.score_test(name, preds)}
+    return exp.cached(name, spec, compute, outputs=(exp.path("predictions", f"{name}.jsonl"),))
 
 
 def ground_truth_probe(exp, model: str) -> dict:
     """The probe's own ceiling: a probe on the model's frozen features trained on half A's ground truth."""
     from w2s_jax.pipeline import one_hot_targets
-    return probe_run(exp, f"gt_probe_{model}", model_features(exp, model, "A"), one_hot_targets(exp.half_a),
-                     model_features(exp, model, "test"))
+    return probe_run(exp, f"gt_probe_{model}", model_features(exp, model, "A", exp.half_a, exp.enc["A"]),
+                     one_hot_targets(exp.half_a), model_features(exp, model, "test", exp.test, exp.enc["test"]),
+                     {"model_weights": exp.model_digest(model), "train_examples": exp.examples_digest(exp.half_a)})
 
 
-def weak_probe(exp, sup: str, stu: str, weak_labels) -> dict:
-    return probe_run(exp, f"w2s_{sup}_to_{stu}_probe", model_features(exp, stu, "B"), weak_labels,
-                     model_features(exp, stu, "test"))
+def weak_probe(exp, sup: str, stu: str, weak_labels, idx: list[int]) -> dict:
+    """A probe on the student's frozen features of half B's examples `idx`, trained on their weak labels."""
+    examples = [exp.half_b[i] for i in idx]
+    feats = model_features(exp, stu, "B", examples, [exp.enc["B"][i] for i in idx])
+    return probe_run(exp, f"w2s_{sup}_to_{stu}_probe", feats, weak_labels,
+                     model_features(exp, stu, "test", exp.test, exp.enc["test"]),
+                     {"model_weights": exp.model_digest(stu), "train_examples": exp.examples_digest(examples)})
 
 
-def finetune_then_probe(exp, sup: str, stu: str, weak_labels, finetuned_run: dict) -> dict:
-    """'Finetune on weak labels, then probe': a probe on the weak-label-finetuned student's features."""
-    feats = {s: np.load(finetuned_run["features"][s]) for s in ("B", "test")}
-    return probe_run(exp, f"w2s_{sup}_to_{stu}_finetune_probe", feats["B"], weak_labels, feats["test"])
+def finetune_then_probe(exp, stu: str, finetuned_run: dict) -> dict:
+    """The paper's saliency analysis (Burns et al. 2023, sec. 5.3): the student finetuned on weak labels (half B,
+    naive loss), frozen; a linear probe on its features trained on half A's ground truth, scored on the test set.
+    Compared with `probe`'s ceiling (the same probe on the pretrained features) it shows whether weak-label
+    finetuning made the task more linearly salient. It uses ground truth, so it is an analysis, not a
+    weak-to-strong method, and gets no PGR."""
+    from w2s_jax.pipeline import one_hot_targets
+    feats = {s: np.load(finetuned_run["features"][s]) for s in ("A", "test")}
+    return probe_run(exp, f"finetune_probe_{finetuned_run['run']}", feats["A"], one_hot_targets(exp.half_a),
+                     feats["test"], {"finetuned_run": finetuned_run["fingerprint"],
+                                     "train_examples": exp.examples_digest(exp.half_a)})
 
 
 def generative_finetune(exp, model: str) -> str:
@@ -97,13 +101,15 @@ def generative_finetune(exp, model: str) -> str:
     """
     name = f"{model}+genft"
     out = exp.path("models", name)
-    exp.derived[name] = out
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return name
-    g = exp.cfg.genft
-    lcfg, lm = exp.load_model(model)
     texts = [ex["prompt"] for ex in exp.half_a + exp.half_b]
-    exp.lm_train(f"genft_{model}", lcfg, {"lm": lm}, texts, g, out)
+    spec = {**{f"genft.{k}": v for k, v in exp.cfg.genft.to_dict().items()}, "seed": exp.seed,
+            "model_weights": exp.model_digest(model), "texts": fingerprint.digest(texts),
+            "tokenizer": exp.digests["tokenizer"]}
+    exp.open_stage(out, spec, outputs=(exp.path("runs", f"genft_{model}"),))
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        lcfg, lm = exp.load_model(model)
+        exp.lm_train(exp.path("runs", f"genft_{model}"), lcfg, {"lm": lm}, texts, exp.cfg.genft, out)
+    exp.derived[name] = out
     return name
 
 
@@ -136,10 +142,9 @@ def zero_shot(exp, model: str) -> dict:
 
     def compute():
         preds = _score_prompts(exp, model, prompt_examples(exp, exp.test, None))
-        _write_test_predictions(exp, name, preds)
-        return {"run": name, "accuracy": metrics.accuracy(preds, [e.get("accept", [e["label"]]) for e in exp.test]),
-                "test_predictions": preds, "early_stopping": "none"}
-    return _cached_result(exp, name, compute)
+        return {"run": name, "early_stopping": "none", **exp.score_test(name, preds)}
+    spec = {"model_weights": exp.model_digest(model), "test_examples": exp.digests["test"]}
+    return exp.cached(name, spec, compute, outputs=(exp.path("predictions", f"{name}.jsonl"),))
 
 
 def few_shot(exp, sup: str, stu: str, weak_labels) -> dict:
@@ -148,9 +153,11 @@ def few_shot(exp, sup: str, stu: str, weak_labels) -> dict:
 
     def compute():
         pool = [dict(ex, label=int(np.argmax(w))) for ex, w in zip(exp.half_b, weak_labels)]
-        shots = prompting.pick_shots(pool, exp.cfg.few_shot.k, exp.cfg.seed, balanced=exp.scoring == "classify")
+        shots = prompting.pick_shots(pool, exp.cfg.few_shot.k, exp.seed, balanced=exp.scoring == "classify")
         preds = _score_prompts(exp, stu, prompt_examples(exp, exp.test, shots))
-        _write_test_predictions(exp, name, preds)
-        return {"run": name, "accuracy": metrics.accuracy(preds, [e.get("accept", [e["label"]]) for e in exp.test]),
-                "test_predictions": preds, "early_stopping": "none", "shots": [s["id"] for s in shots]}
-    return _cached_result(exp, name, compute)
+        return {"run": name, "early_stopping": "none", "shots": [s["id"] for s in shots],
+                **exp.score_test(name, preds)}
+    spec = {"model_weights": exp.model_digest(stu), "test_examples": exp.digests["test"], "seed": exp.seed,
+            "few_shot.k": exp.cfg.few_shot.k, "weak_labels": fingerprint.digest(
+                [np.round(w, 7).tolist() for w in weak_labels]), "half_b": exp.examples_digest(exp.half_b)}
+    return exp.cached(name, spec, compute, outputs=(exp.path("predictions", f"{name}.jsonl"),))

@@ -50,27 +50,25 @@ def pgr(acc_student: float, acc_weak: float, acc_ceiling: float) -> float | None
     return float((acc_student - acc_weak) / gap)
 
 
-def agreement(student_preds: Sequence[int], supervisor_preds: Sequence[int]) -> float:
-    """Fraction of examples where the student predicts the same index as its supervisor."""
-    _check_same_length("student_preds", student_preds, "supervisor_preds", supervisor_preds)
-    return float(np.mean([int(s) == int(w) for s, w in zip(student_preds, supervisor_preds)]))
+def agreement(student_answers: Sequence, supervisor_answers: Sequence) -> float:
+    """Fraction of examples where the student gives the same answer as its supervisor (candidate indices, or
+    answer texts when some predictions match no candidate: see pipeline.answer_keys)."""
+    _check_same_length("student_answers", student_answers, "supervisor_answers", supervisor_answers)
+    return float(np.mean([s == w for s, w in zip(student_answers, supervisor_answers)]))
 
 
-def error_agreement(
-    student_preds: Sequence[int],
-    supervisor_preds: Sequence[int],
-    supervisor_accepts: Sequence[int | Sequence[int]],
-) -> float | None:
+def error_agreement(student_answers: Sequence, supervisor_answers: Sequence,
+                    supervisor_correct: Sequence[bool]) -> float | None:
     """Agreement restricted to the examples the supervisor got wrong: how much of its errors the student imitates.
 
     None when the supervisor made no error.
     """
-    _check_same_length("student_preds", student_preds, "supervisor_preds", supervisor_preds)
-    supervisor_correct = correct(supervisor_preds, supervisor_accepts)
+    _check_same_length("student_answers", student_answers, "supervisor_answers", supervisor_answers)
+    _check_same_length("student_answers", student_answers, "supervisor_correct", supervisor_correct)
     wrong = [i for i, ok in enumerate(supervisor_correct) if not ok]
     if not wrong:
         return None
-    return float(np.mean([int(student_preds[i]) == int(supervisor_preds[i]) for i in wrong]))
+    return float(np.mean([student_answers[i] == supervisor_answers[i] for i in wrong]))
 
 
 def median_pgr(values: Iterable[float | None]) -> float | None:

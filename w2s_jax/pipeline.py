@@ -1,15 +1,23 @@
-"""The weak-to-strong experiment: stages from one config, each writing into the workdir and skipped when done.
+"""The weak-to-strong experiment: stages from one config, each writing into the workdir and reused when unchanged.
 
-Stages: task data -> tokenizer -> models (pretrained here or loaded from HF checkpoints) -> ground-truth runs
-(every model on half A: the weak floor, the strong ceiling and the supervisors, as the reference `sweep.py`) ->
-students on half B for every (supervisor, student, loss) -> bootstrapping chains -> results.json, predictions,
-results.md and plots. Splits depend only on the seed; labels are stored as soft probabilities with example ids.
+Stages: task data -> tokenizer -> models (pretrained here or loaded from checkpoints) -> per seed: ground-truth
+runs (every model on half A: the weak floor, the strong ceiling and the supervisors, as the reference `sweep.py`)
+-> students on half B for every (supervisor, student, loss) -> bootstrapping chains -> per-seed results; then the
+means over seeds with 95% intervals (stats.py) -> results.json, predictions, results.md and plots.
+
+Splits (halves, validation carve-outs, chain slices) keep every group of examples together (chess: the puzzles of
+one game), and depend only on the seed. Each stage stores a fingerprint of what determines it (its config keys and
+the digests of its inputs: examples, weights, labels, tokenizer); a stage whose fingerprint changed is recomputed,
+after a log line naming the keys that changed, and so is everything downstream of it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import zlib
 from typing import Any
 
@@ -18,9 +26,10 @@ import jax
 import numpy as np
 
 from w2s_jax import losses as losses_lib
-from w2s_jax import metrics, report
+from w2s_jax import fingerprint, metrics, report, stats
 from w2s_jax import train as train_lib
 from w2s_jax.data import batching
+from w2s_jax.errors import UserError
 from w2s_jax.metric_writer import MetricWriter
 from w2s_jax.models import convert, heads, presets
 
@@ -37,6 +46,17 @@ def parse_chains(spec: str) -> list[list[str]]:
 
 def parse_list(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def parse_seeds(spec) -> list[int]:
+    """experiment.seeds: '0,1,2' (or one int) -> [0, 1, 2]."""
+    try:
+        seeds = [int(s) for s in parse_list(str(spec))]
+    except ValueError:
+        raise UserError(f"experiment.seeds={spec!r}: expected comma-separated integers such as '0,1,2'") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"experiment.seeds={spec!r}: expected one or more distinct integers such as '0,1,2'")
+    return seeds
 
 
 def validate_config(cfg) -> None:
@@ -66,8 +86,11 @@ def validate_config(cfg) -> None:
             if not m.checkpoint:
                 problems.append(f"models.{name}.checkpoint is empty: give the path of a Hugging Face LLaMA "
                                 f"directory (--config.models.{name}.checkpoint=/path/to/llama)")
-            elif not os.path.isfile(os.path.join(m.checkpoint, "config.json")):
-                problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: no config.json there")
+            elif is_gguf(m.checkpoint) and not os.path.isfile(m.checkpoint):
+                problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: no such GGUF file")
+            elif not is_gguf(m.checkpoint) and not os.path.isfile(os.path.join(m.checkpoint, "config.json")):
+                problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: no config.json there (expected a "
+                                "Hugging Face LLaMA directory or a .gguf file)")
         elif m.source == "pretrain":
             if m.preset not in presets.PRESETS:
                 problems.append(f"models.{name}.preset={m.preset!r}: valid presets are {list(presets.PRESETS)}")
@@ -77,6 +100,22 @@ def validate_config(cfg) -> None:
     for method in parse_list(exp.methods):
         if method not in METHODS:
             problems.append(f"experiment.methods: unknown method {method!r}; valid methods are {list(METHODS)}")
+        elif method in ("probe", "finetune_probe") and cfg.task.get("scoring") == "choice_lm":
+            problems.append(f"experiment.methods: {method!r} needs a fixed set of classes, but task.scoring="
+                            "'choice_lm' scores a variable list of candidates (chess: the legal moves), so a linear "
+                            "head over their indices means nothing")
+    if "finetune_probe" in parse_list(exp.methods) and "xent" not in parse_list(exp.losses):
+        problems.append("experiment.methods 'finetune_probe' probes the student finetuned with 'xent': add it to "
+                        "experiment.losses")
+    try:
+        parse_seeds(exp.seeds)
+    except UserError as e:
+        problems.append(str(e))
+    if exp.pair_examples not in ("all", "chain_step"):
+        problems.append(f"experiment.pair_examples={exp.pair_examples!r}: expected 'all' or 'chain_step'")
+    elif exp.pair_examples == "chain_step" and not parse_chains(exp.chains):
+        problems.append("experiment.pair_examples='chain_step' sizes the direct pairs' data like a chain step, "
+                        "but experiment.chains is empty")
     if cfg.eval.mode not in ("rank", "greedy"):
         problems.append(f"eval.mode={cfg.eval.mode!r}: expected 'rank' or 'greedy'")
     if exp.labels not in ("soft", "hard"):
@@ -106,11 +145,55 @@ def load_task(task_cfg) -> dict:
     raise ValueError(f"task.loader={task_cfg.loader!r}: expected 'chess', 'nlp' or 'reward'")
 
 
-def split_halves(examples: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic 50/50 split: half A trains the ground-truth models, half B is labelled for the students."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    half = len(examples) // 2
-    return [examples[i] for i in order[:half]], [examples[i] for i in order[half:]]
+def group_of(example: dict) -> str:
+    """The unit of dependence that splits keep together (chess: the game); an example is its own group by default."""
+    return str(example.get("group") or example["id"])
+
+
+def cut_at_groups(idx: list[int], groups: list[str], fractions: list[float]) -> list[list[int]]:
+    """Cut `idx` (the examples of a group adjacent) into consecutive parts ending near the cumulative `fractions`
+    of its length, only between groups: no group is in two parts. Returns len(fractions) + 1 parts."""
+    bounds = [round(f * len(idx)) for f in fractions]
+    parts, current = [], []
+    for j, i in enumerate(idx):
+        new_group = j > 0 and groups[i] != groups[idx[j - 1]]
+        while new_group and len(parts) < len(bounds) and j >= bounds[len(parts)]:
+            parts.append(current)
+            current = []
+            new_group = False
+        current.append(i)
+    parts.append(current)
+    return parts + [[] for _ in range(len(bounds) + 1 - len(parts))]
+
+
+def split_halves(examples: list[dict], seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic 50/50 split by group: half A trains the ground-truth models, half B is labelled for the
+    students. Returns example indices, the examples of a group adjacent (so later cuts keep groups whole)."""
+    groups = [group_of(ex) for ex in examples]
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    names = list(members)
+    order = [i for k in np.random.default_rng(seed).permutation(len(names)) for i in members[names[k]]]
+    half_a, half_b = cut_at_groups(order, groups, [0.5])
+    return half_a, half_b
+
+
+def normalise_answer(text: str) -> str:
+    """A candidate or generated text compared as an answer: whitespace and check/annotation marks dropped."""
+    return text.strip().rstrip("+#!?")
+
+
+def answer_keys(examples: list[dict], preds: list[int], texts: list[str] | None) -> list[str]:
+    """What each prediction says, comparable across models: the chosen candidate, or for a generated text that
+    matches no candidate (prediction -1), that text, so two different illegal moves do not count as agreeing."""
+    keys = []
+    for i, (ex, p) in enumerate(zip(examples, preds)):
+        if p >= 0:
+            keys.append(normalise_answer(ex["candidates"][p]))
+        else:
+            keys.append("unmatched:" + normalise_answer(texts[i] if texts else ""))
+    return keys
 
 
 def one_hot_targets(examples: list[dict]) -> list[np.ndarray]:
@@ -132,73 +215,185 @@ def softmax_valid(logits: np.ndarray, k: int) -> np.ndarray:
     return p / p.sum()
 
 
+def is_gguf(path: str) -> bool:
+    return str(path).endswith(".gguf")
+
+
+def checkpoint_config(path: str):
+    """The LlamaConfig of a checkpoint: an HF directory (config.json) or a GGUF file."""
+    if is_gguf(path):
+        return convert.checkpoint_config(path)
+    with open(os.path.join(path, "config.json")) as f:
+        return convert.config_from_hf(json.load(f))
+
+
+def load_checkpoint(path: str, **kwargs):
+    return convert.load_gguf(path, **kwargs) if is_gguf(path) else convert.load_hf(path, **kwargs)
+
+
+def load_checkpoint_tokenizer(path: str):
+    if is_gguf(path):
+        return convert.load_tokenizer(path)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
 # ------------------------------------------------------------------------------------------------ the experiment
 class Experiment:
     def __init__(self, cfg, workdir: str):
         validate_config(cfg)
         self.cfg = cfg
-        self.workdir = workdir
+        self.root = workdir  # shared by every seed: tokenizer, pretrained models, results
+        self.workdir = workdir  # the current seed's folder while a seed runs (see `use_seed`)
+        self.seeds = parse_seeds(cfg.experiment.seeds)
+        self.seed = self.seeds[0]
         self.is_main = jax.process_index() == 0
         self.runtime = train_lib.make_runtime(cfg.mesh.to_dict(), list(cfg.logical_rules) or None)
         self.scoring = cfg.task.scoring
         self.notes: list[str] = []
         self.derived: dict[str, str] = {}  # models made by a stage (generative finetuning): name -> HF directory
+        self.digests: dict[str, str] = {}  # input digests: "model:<name>", "tokenizer", "test", ...
         os.makedirs(workdir, exist_ok=True)
 
     def path(self, *parts) -> str:
+        """A path in the current seed's folder."""
         return os.path.join(self.workdir, *parts)
+
+    def use_seed(self, seed: int) -> None:
+        """Make `seed` current: its folder (seed<N>/ when there are several) and its halves of the training data."""
+        self.seed = seed
+        self.workdir = self.root if self.seeds == [seed] else os.path.join(self.root, f"seed{seed}")
+        self.derived = {}
+        idx_a, idx_b = split_halves(self.train, seed)
+        self.half_a, self.half_b = [self.train[i] for i in idx_a], [self.train[i] for i in idx_b]
+        self.enc["A"], self.enc["B"] = [self.enc["train"][i] for i in idx_a], [self.enc["train"][i] for i in idx_b]
+        if not self.half_a or not self.half_b:
+            raise UserError(f"seed {seed}: the training data ({len(self.train)} examples in "
+                            f"{len({group_of(e) for e in self.train})} groups) cannot be split in two halves")
+        log.info("seed %d: %d / %d train halves, %d test", seed, len(self.half_a), len(self.half_b), len(self.test))
 
     def _write_json(self, path: str, obj) -> None:
         if self.is_main:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             metrics.atomic_write_text(path, metrics.to_json(obj, indent=1))
 
+    # -------------------------------------------------------------------------------------------- fingerprints
+    def open_stage(self, stage_dir: str, spec: dict, outputs: tuple[str, ...] = ()) -> None:
+        """Make `stage_dir` hold the stage determined by `spec` (a flat dict): when the stored spec differs, say
+        which keys changed and delete the stale outputs (checkpoints, results, predictions) before recomputing."""
+        spec = json.loads(metrics.to_json(spec))
+        path = os.path.join(stage_dir, "fingerprint.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)["spec"]
+            if old == spec:
+                return
+            log.warning("%s: recomputing, its inputs changed: %s", os.path.relpath(stage_dir, self.root),
+                        "; ".join(fingerprint.changes(old, spec)))
+            train_lib.barrier(f"checked {stage_dir}")
+            if self.is_main:
+                for out in (stage_dir, *outputs):
+                    if os.path.isdir(out):
+                        shutil.rmtree(out)
+                    elif os.path.exists(out):
+                        os.remove(out)
+        train_lib.barrier(f"cleared {stage_dir}")
+        self._write_json(path, {"digest": fingerprint.digest(spec), "spec": spec})
+        train_lib.barrier(f"opened {stage_dir}")
+
+    def cached(self, run: str, spec: dict, compute, outputs: tuple[str, ...] = ()) -> dict:
+        """A stage's result: runs/<run>/result.json when its fingerprint matches `spec`, else `compute()`."""
+        run_dir = self.path("runs", run)
+        self.open_stage(run_dir, spec, outputs)
+        done = os.path.join(run_dir, "result.json")
+        if os.path.isfile(done):
+            log.info("%s: already done with the same inputs (%s)", run, done)
+            with open(done) as f:
+                return json.load(f)
+        result = compute()
+        result["fingerprint"] = fingerprint.digest(json.loads(metrics.to_json(spec)))
+        self._write_json(done, result)
+        train_lib.barrier(f"done {run}")  # files written by process 0 are read next by all
+        return result
+
+    def examples_digest(self, examples: list[dict]) -> str:
+        """What a stage reads of its examples: ids, texts, candidates and labels, and how they are tokenized."""
+        return fingerprint.digest([self.digests["tokenizer"], self.cfg.task.max_len] +
+                                  [[ex["id"], ex["prompt"], ex["candidates"], ex["label"], ex.get("accept")]
+                                   for ex in examples])
+
+    def model_digest(self, name: str) -> str:
+        key = f"model:{name}"
+        if key not in self.digests:
+            self.digests[key] = convert_digest(self.model_dir(name))
+        return self.digests[key]
+
+    def train_spec(self, model: str, loss_name: str) -> dict:
+        """The config keys that determine a finetuning run of `model` with `loss_name`."""
+        cfg = self.cfg
+        return {**fingerprint.flatten({"train": cfg.train.to_dict(), "eval": cfg.eval.to_dict(),
+                                       "model_defaults": cfg.model_defaults.to_dict(),
+                                       f"models.{model.split('+')[0]}.lr": cfg.models[model.split("+")[0]].lr,
+                                       f"losses.{loss_name}": dict(cfg.losses.get(loss_name, {}))}),
+                "loss": loss_name, "seed": self.seed, "task.scoring": self.scoring,
+                "experiment.labels": cfg.experiment.labels, "model": model,
+                "model_weights": self.model_digest(model), "test_examples": self.digests["test"]}
+
     # -------------------------------------------------------------------------------------------- data
     def prepare_data(self):
+        """The task's examples, tokenizer and encodings, shared by every seed (the seeds only split them)."""
         cfg = self.cfg
         data = load_task(cfg.task)
-        self.test = data["test"]
-        self.half_a, self.half_b = split_halves(data["train"], cfg.seed)
+        self.notes.extend(data.get("notes", []))
         # Pretraining text for `source='pretrain'` models: the task's corpus (chess: engine games disjoint from every
         # puzzle), else the unlabelled prompts of the training examples (never test inputs, never labels).
         self.corpus = data.get("corpus") or [ex["prompt"] for ex in data["train"]]
+        self.train, self.test = data["train"], data["test"]
         self.tokenizer = self.load_tokenizer()
-        encode = lambda exs: batching.encode_examples(exs, self.tokenizer, self.scoring, cfg.task.max_len)
         self.enc = {}
-        for split, exs in (("A", self.half_a), ("B", self.half_b), ("test", self.test)):
-            enc, dropped = encode(exs)
+        kept = {}
+        for split, exs in (("train", self.train), ("test", self.test)):
+            enc, dropped = batching.encode_examples(exs, self.tokenizer, self.scoring, cfg.task.max_len)
             if dropped:
                 self.notes.append(f"{len(dropped)} {split} examples longer than task.max_len={cfg.task.max_len} "
                                   "tokens were dropped")
-            self.enc[split] = enc
-        keep = lambda exs, enc: [exs[e["src"]] for e in enc]
-        self.half_a, self.half_b, self.test = (keep(self.half_a, self.enc["A"]), keep(self.half_b, self.enc["B"]),
-                                               keep(self.test, self.enc["test"]))
-        for split, e in self.enc.items():
-            for i, item in enumerate(e):
+            kept[split] = [exs[e["src"]] for e in enc]
+            for i, item in enumerate(enc):
                 item["src"] = i
-        log.info("data: %d / %d train halves, %d test", len(self.half_a), len(self.half_b), len(self.test))
+            self.enc[split] = enc
+        self.train, self.test = kept["train"], kept["test"]
+        if not self.test:
+            raise UserError(f"task {cfg.task.name!r}: no test example is left after dropping those longer than "
+                            f"task.max_len={cfg.task.max_len} tokens")
+        self.digests["test"] = self.examples_digest(self.test)
+        log.info("data: %d training examples (%d groups), %d test", len(self.train),
+                 len({group_of(e) for e in self.train}), len(self.test))
 
     def load_tokenizer(self):
         tcfg = self.cfg.tokenizer
-        from transformers import AutoTokenizer
         if tcfg.source == "model":
             first = next(m for m in self.cfg.models.values() if m.source == "hf")
-            return AutoTokenizer.from_pretrained(tcfg.path or first.checkpoint)
-        out = self.path("tokenizer")
-        if os.path.isfile(os.path.join(out, "tokenizer.json")):
-            return AutoTokenizer.from_pretrained(out)
-        from w2s_jax.data import tokenization
-        texts = self.corpus + [c for ex in self.half_a + self.half_b for c in ex["candidates"]]
-        tok = tokenization.train_tokenizer(texts, tcfg.vocab_size, out if self.is_main else None)
-        return tok
+            path = tcfg.path or first.checkpoint
+            self.digests["tokenizer"] = "model:" + convert_digest(path)
+            return load_checkpoint_tokenizer(path)
+        from transformers import AutoTokenizer
+        out = os.path.join(self.root, "tokenizer")
+        texts = self.corpus + [c for ex in self.train for c in ex["candidates"]]
+        spec = {"tokenizer.vocab_size": tcfg.vocab_size, "texts": fingerprint.digest(texts)}
+        self.open_stage(out, spec)
+        if not os.path.isfile(os.path.join(out, "tokenizer.json")):
+            from w2s_jax.data import tokenization
+            tokenization.train_tokenizer(texts, tcfg.vocab_size, out if self.is_main else None)
+            train_lib.barrier("tokenizer")
+        self.digests["tokenizer"] = fingerprint.file_digest(out)
+        return AutoTokenizer.from_pretrained(out)
 
     # -------------------------------------------------------------------------------------------- models
     def model_dir(self, name: str) -> str:
         if name in self.derived:
             return self.derived[name]
         m = self.cfg.models[name]
-        return m.checkpoint if m.source == "hf" else self.path("models", name)
+        return m.checkpoint if m.source == "hf" else os.path.join(self.root, "models", name)
 
     def ladder(self) -> list[str]:
         """Model names from smallest to largest (ConfigDict keys have no order of their own)."""
@@ -206,17 +401,24 @@ class Experiment:
             m = self.cfg.models[name]
             if m.source == "pretrain":
                 return presets.get_preset(m.preset).num_non_embedding_params
-            with open(os.path.join(m.checkpoint, "config.json")) as f:
-                return convert.config_from_hf(json.load(f)).num_non_embedding_params
+            return checkpoint_config(m.checkpoint).num_non_embedding_params
         return sorted(self.cfg.models.keys(), key=size)
 
     def ensure_model(self, name: str) -> None:
         """Pretrain a ladder model from scratch on the task's corpus (once), saved as a HF checkpoint."""
         m = self.cfg.models[name]
-        out = self.model_dir(name)
-        if m.source == "hf" or os.path.isfile(os.path.join(out, "config.json")):
+        if m.source == "hf":
             return
-        tok, pcfg = self.tokenizer, self.cfg.pretrain
+        out = self.model_dir(name)
+        tok, pcfg = self.tokenizer, self.cfg.pretrain.copy_and_resolve_references()
+        pcfg.steps = int(m.get("pretrain_steps", 0) or pcfg.steps)
+        spec = {**fingerprint.flatten({"pretrain": pcfg.to_dict(), "model_defaults": self.cfg.model_defaults.to_dict()}),
+                "preset": m.preset, "seed": self.cfg.seed, "tokenizer": self.digests["tokenizer"],
+                "corpus": fingerprint.digest(self.corpus), "task.max_len": self.cfg.task.max_len}
+        spec.pop("pretrain.microbatches", None)
+        self.open_stage(out, spec, outputs=(os.path.join(self.root, "runs", f"pretrain_{name}"),))
+        if os.path.isfile(os.path.join(out, "config.json")):
+            return
         lcfg = presets.get_preset(m.preset, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                   max_position_embeddings=max(pcfg.seq_len, self.cfg.task.max_len),
@@ -225,11 +427,10 @@ class Experiment:
         rng = jax.random.PRNGKey(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
         init = jax.jit(lambda r: nn.meta.unbox(train_lib.LlamaForCausalLM(lcfg).init(r, np.zeros((1, 8), np.int32))),
                        out_shardings={"params": train_lib.lm_param_shardings(lcfg, self.runtime)})
-        pcfg = pcfg.copy_and_resolve_references()
-        pcfg.steps = int(m.get("pretrain_steps", 0) or pcfg.steps)
-        self.lm_train(f"pretrain_{name}", lcfg, {"lm": init(rng)["params"]}, self.corpus, pcfg, out)
+        self.lm_train(os.path.join(self.root, "runs", f"pretrain_{name}"), lcfg, {"lm": init(rng)["params"]},
+                      self.corpus, pcfg, out)
 
-    def lm_train(self, run: str, lcfg, params, texts: list[str], lmcfg, out_dir: str) -> None:
+    def lm_train(self, run_dir: str, lcfg, params, texts: list[str], lmcfg, out_dir: str) -> None:
         """Next-token training on texts (pretraining, generative finetuning); saves a HF checkpoint to out_dir."""
         tok = self.tokenizer
         ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -239,13 +440,12 @@ class Experiment:
         state = train_lib.create_state(params, tx, shardings)
         step = train_lib.jit_step(train_lib.make_lm_step(lcfg, tx, lmcfg.microbatches), shardings, self.runtime)
         order = batching.epoch_order(len(blocks), lmcfg.batch_size, self.cfg.seed, steps=lmcfg.steps)
-        run_dir = self.path("runs", run)
         with MetricWriter(run_dir, enabled=self.is_main) as writer:
             state, _ = train_lib.run_loop(
                 state=state, abstract_state=abstract, shardings=shardings, step_fn=step,
                 get_batch=lambda s: {"blocks": blocks[order[s]]}, num_steps=lmcfg.steps,
                 ckpt_dir=os.path.join(run_dir, "ckpt"), runtime=self.runtime,
-                checkpoint_every=self.cfg.train.checkpoint_every, writer=writer, desc=run)
+                checkpoint_every=self.cfg.train.checkpoint_every, writer=writer, desc=os.path.basename(run_dir))
         convert.save_hf(lcfg, state.params["lm"], out_dir)  # every process calls it; process 0 writes
         if self.is_main:
             tok.save_pretrained(out_dir)
@@ -253,7 +453,7 @@ class Experiment:
 
     def load_model(self, name: str):
         md = self.cfg.model_defaults
-        return convert.load_hf(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
+        return load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
                                scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules)
 
     # -------------------------------------------------------------------------------------------- runs
@@ -263,15 +463,26 @@ class Experiment:
                           features_for: tuple[str, ...] = ()) -> dict:
         """Train `model` on examples `train_idx` of `train_split` with `targets`, then predict the test set and
         every split in `label_sets` ({label_name: split}). With early stopping on, `val` (examples and the targets
-        that score them, described by `val_kind`) picks the best step. Skipped when its result file exists."""
-        run_dir = self.path("runs", run)
-        done_file = os.path.join(run_dir, "result.json")
-        if os.path.isfile(done_file):
-            log.info("%s: already done (%s)", run, done_file)
-            with open(done_file) as f:
-                return json.load(f)
+        that score them, described by `val_kind`) picks the best step. Reused when its fingerprint matches."""
+        split_examples = {"A": self.half_a, "B": self.half_b, "test": self.test}
+        early = val is not None and self.cfg.train.early_stopping != "none"
+        spec = {**self.train_spec(model, loss_name),
+                "train_examples": self.examples_digest([split_examples[train_split][i] for i in train_idx]),
+                "targets": fingerprint.digest([np.round(t, 7).tolist() for t in targets]),
+                "val": fingerprint.digest([val[0], [np.round(t, 7).tolist() for t in val[1]]]) if early else None,
+                "val_kind": val_kind if early else None,
+                "label_sets": {k: self.examples_digest(split_examples[s]) for k, s in sorted(label_sets.items())},
+                "features_for": {s: self.examples_digest(split_examples[s]) for s in features_for},
+                "probe.layer": self.cfg.probe.layer if features_for else None}
+        return self.cached(run, spec, lambda: self._train_and_predict(
+            run, model, train_split, train_idx, targets, loss_name, label_sets, val if early else None, val_kind,
+            features_for), outputs=(self.path("predictions", f"{run}.jsonl"),))
+
+    def _train_and_predict(self, run, model, train_split, train_idx, targets, loss_name, label_sets, val, val_kind,
+                           features_for) -> dict:
         log.info("%s: training %s on %d examples of half %s with %s", run, model, len(train_idx), train_split,
                  loss_name)
+        run_dir = self.path("runs", run)
         cfg, tcfg = self.cfg, self.cfg.train
         lcfg, lm_params = self.load_model(model)
         lcfg = lcfg.replace(remat_policy=cfg.model_defaults.remat_policy)
@@ -283,7 +494,7 @@ class Experiment:
                                label_ids)
         params = {"lm": lm_params} if head is None else {"lm": lm_params, "head": head}
         enc = [self.enc[train_split][i] for i in train_idx]
-        order = batching.epoch_order(len(enc), tcfg.batch_size, cfg.seed, epochs=tcfg.epochs,
+        order = batching.epoch_order(len(enc), tcfg.batch_size, self.seed, epochs=tcfg.epochs,
                                      lengths=[e["length"] for e in enc], group=tcfg.group_by_length)
         steps = len(order)
         lr = float(cfg.models[model.split("+")[0]].lr or tcfg.lr)
@@ -305,7 +516,7 @@ class Experiment:
 
         predict = train_lib.make_predict_fn(lcfg, self.scoring, self.runtime, shardings.params)
         eval_fn = None
-        if val is not None and tcfg.early_stopping != "none":
+        if val is not None:
             v_idx, v_targets = val
             v_enc = [self.enc[train_split][i] for i in v_idx]
             v_labels = [int(np.argmax(t)) for t in v_targets]
@@ -317,20 +528,11 @@ class Experiment:
                 num_steps=steps, ckpt_dir=os.path.join(run_dir, "ckpt"), runtime=self.runtime,
                 checkpoint_every=tcfg.checkpoint_every, eval_fn=eval_fn, eval_every=tcfg.eval_every,
                 writer=writer, desc=run)
-        result = {"run": run, "model": model, "steps": steps, "lr": lr, "loss": loss_name,
-                  "early_stopping": val_kind if eval_fn else "none", "best_step": loop["best_step"],
-                  "labels": {}}
+        result = {"run": run, "model": model, "seed": self.seed, "steps": steps, "lr": lr, "loss": loss_name,
+                  "train_examples": len(train_idx), "early_stopping": val_kind if eval_fn else "none",
+                  "best_step": loop["best_step"], "labels": {}}
         preds, texts = self.test_predictions(lcfg, predict, state, shardings)
-        result["accuracy"] = metrics.accuracy(preds, accepts(self.test))
-        result["test_predictions"] = preds
-        result["eval_mode"] = self.cfg.eval.mode if self.scoring == "choice_lm" else "argmax"
-        rows = [{"id": ex["id"], "label": ex["label"], "prediction": p, "accept": ex.get("accept", [ex["label"]]),
-                 "correct": p in ex.get("accept", [ex["label"]])} for ex, p in zip(self.test, preds)]
-        if texts is not None:
-            for row, text in zip(rows, texts):
-                row["generated"] = text
-        if self.is_main:
-            metrics.write_predictions(self.path("predictions", f"{run}.jsonl"), rows)
+        result.update(self.score_test(run, preds, texts))
         for label_name, split in label_sets.items():
             logits = self._logits(predict, state.params, self.enc[split])
             exs = {"A": self.half_a, "B": self.half_b, "test": self.test}[split]
@@ -351,9 +553,26 @@ class Experiment:
                 if self.is_main:
                     np.save(path, feats)
                 result["features"][split] = path
-        self._write_json(done_file, result)
-        train_lib.barrier(f"done {run}")  # labels and features written by process 0 are read next by all
         return result
+
+    def score_test(self, run: str, preds: list[int], texts: list[str] | None = None) -> dict:
+        """Accuracy and answers of test predictions; writes predictions/<run>.jsonl, one line per test example
+        with the predicted and the correct candidate's text, from which every reported number recomputes."""
+        answers = answer_keys(self.test, preds, texts)
+        rows = []
+        for i, (ex, p) in enumerate(zip(self.test, preds)):
+            accept = ex.get("accept", [ex["label"]])
+            row = {"id": ex["id"], "group": group_of(ex), "label": ex["label"], "prediction": p, "accept": accept,
+                   "correct": p in accept, "answer": ex["candidates"][ex["label"]],
+                   "predicted": ex["candidates"][p] if p >= 0 else None, "key": answers[i]}
+            if texts is not None:
+                row["generated"] = texts[i]
+            rows.append(row)
+        if self.is_main:
+            metrics.write_predictions(self.path("predictions", f"{run}.jsonl"), rows)
+        return {"accuracy": metrics.accuracy(preds, accepts(self.test)), "test_predictions": preds,
+                "test_answers": answers,
+                "eval_mode": self.cfg.eval.mode if self.scoring == "choice_lm" else "argmax"}
 
     def test_predictions(self, lcfg, predict, state, shardings):
         """Predicted candidate index per test example: the best-scoring candidate, or for `eval.mode='greedy'` the
@@ -392,18 +611,21 @@ class Experiment:
         return out
 
     # -------------------------------------------------------------------------------------------- the plan
-    def validation_split(self, idx: list[int]) -> tuple[list[int], list[int]]:
-        """Carve the validation examples for early stopping out of a training split (none when it is off)."""
+    def validation_split(self, idx: list[int], examples: list[dict]) -> tuple[list[int], list[int]]:
+        """Carve the validation examples for early stopping out of a training split, whole groups only (none when
+        early stopping is off). Returns (train, validation)."""
         frac = self.cfg.train.val_frac if self.cfg.train.early_stopping != "none" else 0.0
-        n_val = int(len(idx) * frac)
-        return idx[n_val:], idx[:n_val]
+        if not frac:
+            return idx, []
+        val, train = cut_at_groups(idx, [group_of(ex) for ex in examples], [frac])
+        return train, val
 
     def run(self) -> dict:
+        """Every seed's stages, then the means over seeds with intervals; writes the report."""
         cfg, exp = self.cfg, self.cfg.experiment
         self.prepare_data()
         pairs = [tuple(p) for p in parse_chains(exp.pairs)]
         chains = parse_chains(exp.chains)
-        losses, methods = parse_list(exp.losses), parse_list(exp.methods)
         gt_models = parse_list(exp.ground_truth) or self.ladder()
         for m in {m for p in pairs for m in p} | {m for c in chains for m in c}:
             if m not in gt_models:
@@ -411,112 +633,203 @@ class Experiment:
         order = [m for m in self.ladder() if m in gt_models]
         for m in order:
             self.ensure_model(m)
+        self.models = {}
+        for m in order:
+            lcfg = checkpoint_config(self.model_dir(m))
+            self.models[m] = {"params": lcfg.num_params, "non_embedding_params": lcfg.num_non_embedding_params}
         self.supervisors = {p[0] for p in pairs} | {c[0] for c in chains}
-        self.results = {"task": cfg.task.name, "models": {}, "runs": [], "notes": self.notes}
+        per_seed = {}
+        for seed in self.seeds:
+            self.use_seed(seed)
+            per_seed[seed] = self.run_seed(order, pairs, chains)
+        self.results = summarize(per_seed, self.test, self.models, cfg.task.name, self.notes)
+        self.results.update(provenance(cfg))
+        if self.is_main:
+            report.write_report(self.results, self.root)
+        return self.results
 
+    def run_seed(self, order, pairs, chains) -> dict:
+        """One seed: ground truth, students, methods and chains. Returns {"runs": rows, "outputs": {run: answers}}."""
+        exp = self.cfg.experiment
+        losses, methods = parse_list(exp.losses), parse_list(exp.methods)
+        self.rows, self.outputs = [], {}
         # Ground truth on half A (the weak floor, the ceilings and the supervisors); supervisors also label half B.
         self.gt = {}
         for m in order:
             self.ground_truth(m)
 
-        all_b = list(range(len(self.half_b)))
+        # Chain steps train on slices of half B, labelled by the previous model (fresh data per step, as the
+        # paper); with pair_examples='chain_step' a direct pair trains on the slice of a chain's last step.
+        n_steps = max((len(c) - 1 for c in chains), default=1)
+        b_groups = [group_of(ex) for ex in self.half_b]
+        slices = cut_at_groups(list(range(len(self.half_b))), b_groups, [k / n_steps for k in range(1, n_steps)])
+        pair_idx = slices[-1] if exp.pair_examples == "chain_step" else list(range(len(self.half_b)))
         for sup, stu in pairs:
             weak_labels = self.read_labels(self.gt[sup]["labels"]["B"], self.half_b)
             runs = {}
             for loss in losses:
                 name = f"w2s_{sup}_to_{stu}_{loss}"
-                feats = ("B", "test") if loss == "xent" and "finetune_probe" in methods else ()
-                runs[loss] = self._student(name, stu, all_b, weak_labels, loss, {}, features_for=feats)
+                feats = ("A", "test") if loss == "xent" and "finetune_probe" in methods else ()
+                runs[loss] = self._student(name, stu, pair_idx, weak_labels, loss, {}, features_for=feats)
                 self.add_student(name, runs[loss], stu, sup, loss, sup, self.gt[sup])
-            self.run_methods(methods, sup, stu, weak_labels, all_b, runs.get("xent"))
+            self.run_methods(methods, sup, stu, weak_labels, pair_idx, runs.get("xent"))
 
         for chain in chains:
-            # Bootstrapping: each step trains on its own slice of half B (fresh data per step, as the paper),
-            # labelled by the previous model of the chain.
-            parts = np.array_split(np.arange(len(self.half_b)), len(chain) - 1)
+            parts = cut_at_groups(list(range(len(self.half_b))), b_groups,
+                                  [k / (len(chain) - 1) for k in range(1, len(chain) - 1)])
             prev_run, method = self.gt[chain[0]], "chain:" + "->".join(chain)
             for j, (sup, stu) in enumerate(zip(chain[:-1], chain[1:])):
-                idx = [int(i) for i in parts[j]]
                 labels = self.read_labels(prev_run["labels"]["B"], self.half_b)
                 name = f"chain_{'-'.join(chain)}_{exp.chain_loss}_step{j + 1}"
-                label_sets = {"B": "B"} if j < len(chain) - 2 else {}
-                res = self._student(name, stu, idx, labels, exp.chain_loss, label_sets)
-                self.add_student(name, res, stu, chain[0], method, sup, prev_run)["loss"] = exp.chain_loss
+                final = j == len(chain) - 2
+                res = self._student(name, stu, parts[j], labels, exp.chain_loss, {} if final else {"B": "B"})
+                row = self.add_student(name, res, stu, chain[0], method if final else f"{method} step {j + 1}",
+                                       sup, prev_run)
+                row.update(loss=exp.chain_loss, chain_step=j + 1, chain_final=final)
                 prev_run = res
+        return {"runs": self.rows, "outputs": self.outputs}
 
-        if self.is_main:
-            report.write_report(self.results, self.workdir)
-        return self.results
+    def add_row(self, res: dict, row: dict) -> dict:
+        """Record a result row of this seed, with the run's test answers for the statistics over seeds."""
+        row = {"name": res["run"], "seed": self.seed, "accuracy": res["accuracy"],
+               "early_stopping": res.get("early_stopping", "none"), "supervisor": None, **row}
+        self.outputs[res["run"]] = {"correct": metrics.correct(res["test_predictions"], accepts(self.test)),
+                                    "answers": res.get("test_answers") or answer_keys(
+                                        self.test, res["test_predictions"], None)}
+        self.rows.append(row)
+        return row
 
     def ground_truth(self, m: str) -> None:
         """Train model m on half A's ground truth; a supervisor also labels half B."""
-        lcfg = convert.config_from_hf(json.load(open(os.path.join(self.model_dir(m), "config.json"))))
-        self.results["models"][m] = {"params": lcfg.num_params,
-                                     "non_embedding_params": lcfg.num_non_embedding_params}
-        tr_a, val_a = self.validation_split(list(range(len(self.half_a))))
+        tr_a, val_a = self.validation_split(list(range(len(self.half_a))), self.half_a)
         self.gt[m] = self.train_and_predict(
             f"gt_{m}", m, "A", tr_a, one_hot_targets([self.half_a[i] for i in tr_a]), "xent",
             {"B": "B"} if m in self.supervisors else {},
             val=(val_a, one_hot_targets([self.half_a[i] for i in val_a])), val_kind="ground_truth")
-        self.results["runs"].append({"name": f"gt_{m}", "role": "weak" if m in self.supervisors else "ceiling",
-                                     "model": m, "supervisor": None, "method": GT,
-                                     "accuracy": self.gt[m]["accuracy"],
-                                     "early_stopping": self.gt[m]["early_stopping"]})
+        self.add_row(self.gt[m], {"role": "weak" if m in self.supervisors else "ceiling", "model": m,
+                                  "method": GT})
 
     def run_methods(self, methods, sup, stu, weak_labels, idx, xent_run) -> None:
         """The elicitation methods beyond finetuning for one (supervisor, student) pair (elicitation.py)."""
         from w2s_jax import elicitation as E
-        unknown = sorted(set(methods) - set(E.METHODS))
-        if unknown:
-            raise ValueError(f"experiment.methods: unknown {unknown}; valid methods are {list(E.METHODS)}")
-        add_gt = lambda res, model, method: self.results["runs"].append(
-            {"name": res["run"], "role": "ceiling", "model": model, "supervisor": None, "method": method,
-             "accuracy": res["accuracy"], "early_stopping": "none"})
         if "probe" in methods:
             ceiling = E.ground_truth_probe(self, stu)
-            add_gt(ceiling, stu, "probe")
-            res = E.weak_probe(self, sup, stu, weak_labels)
-            self.add_student(res["run"], res, stu, sup, "probe", sup, self.gt[sup], ceiling=ceiling["accuracy"])
+            self.add_row(ceiling, {"role": "ceiling", "model": stu, "method": "probe"})
+            res = E.weak_probe(self, sup, stu, [weak_labels[i] for i in idx], idx)
+            self.add_student(res["run"], res, stu, sup, "probe", sup, self.gt[sup], ceiling_run=ceiling["run"])
         if "finetune_probe" in methods:
-            if xent_run is None:
-                raise ValueError("experiment.methods 'finetune_probe' needs 'xent' in experiment.losses")
-            res = E.finetune_then_probe(self, sup, stu, weak_labels, xent_run)
-            self.add_student(res["run"], res, stu, sup, "finetune_probe", sup, self.gt[sup])
+            res = E.finetune_then_probe(self, stu, xent_run)
+            self.add_row(res, {"role": "baseline", "model": stu, "method": "finetune_probe"})
         if "genft" in methods:
             derived = E.generative_finetune(self, stu)
+            self.models.setdefault(derived, self.models[stu])
             self.ground_truth(derived)
             name = f"w2s_{sup}_to_{derived}_xent"
             res = self._student(name, derived, idx, weak_labels, "xent", {})
             self.add_student(name, res, derived, sup, "genft+xent", sup, self.gt[sup])
         if "zero_shot" in methods:
             res = E.zero_shot(self, stu)
-            self.results["runs"].append({"name": res["run"], "role": "baseline", "model": stu, "supervisor": None,
-                                         "method": "zero_shot", "accuracy": res["accuracy"],
-                                         "early_stopping": "none"})
+            self.add_row(res, {"role": "baseline", "model": stu, "method": "zero_shot"})
         if "few_shot" in methods:
             res = E.few_shot(self, sup, stu, weak_labels)
             self.add_student(res["run"], res, stu, sup, "few_shot", sup, self.gt[sup])
 
     def _student(self, name, model, idx, labels, loss, label_sets, features_for=()):
-        tr, val = self.validation_split(idx)
+        tr, val = self.validation_split(idx, self.half_b)
         oracle = self.cfg.train.early_stopping == "ground_truth_oracle"
         val_targets = (one_hot_targets([self.half_b[i] for i in val]) if oracle else [labels[i] for i in val])
         return self.train_and_predict(name, model, "B", tr, [labels[i] for i in tr], loss, label_sets,
                                       val=(val, val_targets), features_for=features_for,
                                       val_kind="ground_truth_oracle" if oracle else "weak_labels")
 
-    def add_student(self, name, res, student, weak, method, direct_sup, sup_run, ceiling=None) -> dict:
-        """Append a student's row: accuracy, PGR between the weak model and the ceiling (the student trained on
-        ground truth, or `ceiling` for methods with their own), and (error) agreement with its direct supervisor."""
+    def add_student(self, name, res, student, weak, method, direct_sup, sup_run, ceiling_run=None) -> dict:
+        """A student's row: accuracy, PGR between the weak model and the ceiling (the student trained on ground
+        truth, or `ceiling_run` for methods with their own), and (error) agreement with its direct supervisor."""
         acc_weak = self.gt[weak]["accuracy"]
-        acc_ceiling = self.gt[student]["accuracy"] if ceiling is None else ceiling
-        sup_preds = sup_run["test_predictions"]
-        row = {"name": name, "role": "student", "model": student, "supervisor": weak,
-               "direct_supervisor": direct_sup, "supervisor_run": sup_run["run"], "method": method,
-               "accuracy": res["accuracy"],
-               "pgr": metrics.pgr(res["accuracy"], acc_weak, acc_ceiling),
-               "agreement": metrics.agreement(res["test_predictions"], sup_preds),
-               "error_agreement": metrics.error_agreement(res["test_predictions"], sup_preds, accepts(self.test)),
-               "early_stopping": res["early_stopping"]}
-        self.results["runs"].append(row)
+        ceiling = self.gt[student] if ceiling_run is None else self.find_run(ceiling_run)
+        sup_answers = sup_run.get("test_answers") or answer_keys(self.test, sup_run["test_predictions"], None)
+        stu_answers = res.get("test_answers") or answer_keys(self.test, res["test_predictions"], None)
+        row = self.add_row(res, {
+            "role": "student", "model": student, "supervisor": weak, "direct_supervisor": direct_sup,
+            "supervisor_run": sup_run["run"], "weak_run": self.gt[weak]["run"], "ceiling_run": ceiling["run"],
+            "method": method, "pgr": metrics.pgr(res["accuracy"], acc_weak, ceiling["accuracy"]),
+            "agreement": metrics.agreement(stu_answers, sup_answers),
+            "error_agreement": metrics.error_agreement(
+                stu_answers, sup_answers, metrics.correct(sup_run["test_predictions"], accepts(self.test)))})
         return row
+
+    def find_run(self, name: str) -> dict:
+        row = next(r for r in self.rows if r["name"] == name)
+        return {"run": name, "accuracy": row["accuracy"]}
+
+
+# ------------------------------------------------------------------------------------------------ over seeds
+def summarize(per_seed: dict, test: list[dict], models: dict, task: str, notes: list[str]) -> dict:
+    """The results dict: one row per run with its mean over seeds, 95% interval and every seed's value (stats.py),
+    and the seeds' own rows under "per_seed"."""
+    seeds = list(per_seed)
+    sampler = stats.Resampler(seeds, [group_of(ex) for ex in test])
+    first = per_seed[seeds[0]]["runs"]
+
+    def outputs(run, key):
+        return {s: np.asarray(per_seed[s]["outputs"][run][key]) for s in seeds}
+
+    def mean(run):
+        return sampler.mean(outputs(run, "correct"))
+
+    def values(name, key):
+        return [next(r for r in per_seed[s]["runs"] if r["name"] == name).get(key) for s in seeds]
+
+    def with_interval(row, key, estimate):
+        row[key], row[f"{key}_ci"] = estimate[0], stats.interval(estimate[1])
+        row[f"{key}_seeds"] = values(row["name"], key)
+
+    rows = []
+    for seed_row in first:
+        row = {k: v for k, v in seed_row.items() if k not in ("seed", "accuracy", "pgr", "agreement",
+                                                                "error_agreement")}
+        with_interval(row, "accuracy", mean(row["name"]))
+        if row["role"] == "student":
+            row.update(stats.pgr(mean(row["name"]), mean(row["weak_run"]), mean(row["ceiling_run"])))
+            row["pgr_seeds"] = values(row["name"], "pgr")
+            stu, sup = outputs(row["name"], "answers"), outputs(row["supervisor_run"], "answers")
+            agree = {s: stu[s] == sup[s] for s in seeds}
+            with_interval(row, "agreement", sampler.mean(agree))
+            sup_wrong = {s: ~outputs(row["supervisor_run"], "correct")[s] for s in seeds}
+            if any(w.any() for w in sup_wrong.values()):
+                with_interval(row, "error_agreement", sampler.mean(agree, where=sup_wrong))
+            else:
+                row["error_agreement"], row["error_agreement_ci"] = None, None
+        rows.append(row)
+    return {"task": task, "models": models, "seeds": seeds, "n_test": len(test),
+            "test_clusters": sampler.n_clusters, "interval": "95% two-level bootstrap over seeds and test "
+            f"clusters ({stats.N_BOOT} replicates; w2s_jax/stats.py)", "runs": rows,
+            "per_seed": {str(s): per_seed[s]["runs"] for s in seeds}, "notes": notes}
+
+
+def provenance(cfg) -> dict:
+    """What a reader needs to rerun the numbers: the resolved config, the command, the commit, package versions."""
+    from importlib import metadata
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers", "tokenizers"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    versions["python"] = sys.version.split()[0]
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"config": json.loads(metrics.to_json(cfg.to_dict())), "command": " ".join(["python"] + sys.argv),
+            "commit": (commit + ("+uncommitted changes" if dirty else "")) or None, "versions": versions}
+
+
+def convert_digest(path: str) -> str:
+    """The digest of a model's files (an HF directory or a GGUF file)."""
+    return fingerprint.file_digest(path)

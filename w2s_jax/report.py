@@ -4,10 +4,14 @@ Input is the results dict the pipeline writes as results.json:
 
     {"task": str,
      "models": {name: {"params": int, ...}},
-     "runs": [{"name", "role": "weak"|"ceiling"|"student", "model", "supervisor": None (ground truth) or a name,
-               "method", "accuracy", "pgr", "agreement", "error_agreement",
+     "runs": [{"name", "role": "weak"|"ceiling"|"student"|"baseline", "model", "supervisor": None (ground truth)
+               or a name, "method", "accuracy", "pgr", "agreement", "error_agreement",
                "early_stopping": "none"|"ground_truth"|"weak_labels"|"ground_truth_oracle", ...}],
      "notes": [str, ...]}
+
+Numbers are means over the experiment's seeds; `<key>_ci` holds a 95% interval and `<key>_seeds` every seed's
+value (pipeline.summarize, stats.py); `pgr_undefined` says why a PGR is not given. `commit`, `command` and
+`seeds`, when present, head results.md, so a table pasted from it carries its provenance.
 
 Runs with no supervisor were trained on ground truth (weak floors, ceilings); the others are students. A student's
 `supervisor` names a run or a model; the supervisor's accuracy is that run's (or that model's ground-truth run's).
@@ -28,8 +32,10 @@ EARLY_STOPPING = {"none": "none", "ground_truth": "ground truth", "weak_labels":
                   "ground_truth_oracle": "GT oracle‡"}
 DECIMALS = 3
 PGR_UNDEFINED = "n/a†"
+UNDEFINED_REASONS = {"ceiling not above weak": "n/a† (ceiling ≤ weak)", "gap within noise": "n/a† (gap in noise)"}
 MISSING = "–"
-FOOTNOTE_PGR = "† PGR undefined: the ceiling is not more accurate than the weak supervisor, so there is no gap."
+FOOTNOTE_PGR = ("† PGR undefined: the ceiling is not more accurate than the weak supervisor, or the 95% interval "
+                "of the gap (ceiling - weak) reaches 0, so the ratio's interval is unbounded.")
 FOOTNOTE_ORACLE = (
     "‡ Early stopping on the ground-truth labels of the student's validation examples: an oracle the "
     "weak-to-strong setting does not have (as in the paper), shown only for comparison."
@@ -142,8 +148,32 @@ def _method_label(run: dict[str, Any]) -> str:
     return method if stopping == "none" else f"{method} [{_early_stopping(run).rstrip('‡')}]"
 
 
+def format_interval(run: dict[str, Any], key: str) -> str:
+    """'0.412 [0.380, 0.441]': the mean over seeds and its 95% interval (the mean alone when there is none)."""
+    value, ci = run.get(key), run.get(f"{key}_ci")
+    if value is None:
+        return MISSING
+    if not ci:
+        return format_number(value)
+    return f"{format_number(value)} [{format_number(ci[0])}, {format_number(ci[1])}]"
+
+
+def format_seeds(run: dict[str, Any], key: str = "accuracy") -> str:
+    """Every seed's value, '0.41 / 0.39 / 0.43' (empty with one seed)."""
+    values = run.get(f"{key}_seeds") or []
+    if len(values) < 2:
+        return MISSING
+    return " / ".join(MISSING if v is None else f"{v:.{DECIMALS - 1}f}" for v in values)
+
+
+def format_pgr(run: dict[str, Any]) -> str:
+    if run.get("pgr") is None:
+        return UNDEFINED_REASONS.get(run.get("pgr_undefined"), PGR_UNDEFINED)
+    return format_interval(run, "pgr")
+
+
 def _ground_truth_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["model", "params", "role", "method", "early stopping", "accuracy"]
+    headers = ["model", "params", "role", "method", "early stopping", "accuracy [95% CI]", "per seed"]
     rows = [
         [
             r["model"],
@@ -151,7 +181,8 @@ def _ground_truth_rows(results: dict[str, Any]) -> tuple[list[str], list[list[st
             r["role"],
             str(r.get("method") or MISSING),
             _early_stopping(r),
-            format_number(r["accuracy"]),
+            format_interval(r, "accuracy"),
+            format_seeds(r),
         ]
         for r in ground_truth_runs(results)
     ]
@@ -159,29 +190,33 @@ def _ground_truth_rows(results: dict[str, Any]) -> tuple[list[str], list[list[st
 
 
 def _student_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["supervisor", "student", "method", "early stopping", "accuracy", "PGR", "agreement", "error agreement"]
+    headers = ["supervisor", "student", "method", "early stopping", "accuracy [95% CI]", "PGR [95% CI]",
+               "agreement [95% CI]", "error agreement", "per seed"]
     rows = []
     for r in student_runs(results):
-        pgr_text = PGR_UNDEFINED if r.get("pgr") is None else format_number(r["pgr"])
         rows.append(
             [
                 str(r["supervisor"]),
                 r["model"],
                 str(r.get("method") or MISSING),
                 _early_stopping(r),
-                format_number(r["accuracy"]),
-                pgr_text,
-                format_number(r.get("agreement")),
+                format_interval(r, "accuracy"),
+                format_pgr(r),
+                format_interval(r, "agreement"),
                 format_number(r.get("error_agreement")),
+                format_seeds(r),
             ]
         )
     return headers, rows
 
 
 def median_pgr_by_method(results: dict[str, Any]) -> list[tuple[str, str, int, int, float | None]]:
-    """(method, early stopping, pairs with a defined PGR, pairs, median PGR) per method and early stopping."""
+    """(method, early stopping, pairs with a defined PGR, pairs, median PGR) per method and early stopping. A
+    chain counts by its final step; its intermediate steps are students of the chain, not pairs of their own."""
     groups: dict[tuple[str, int, str], list[float | None]] = defaultdict(list)
     for r in student_runs(results):
+        if r.get("chain_final") is False:
+            continue
         groups[(str(r.get("method") or MISSING), _stopping_rank(r), _early_stopping(r))].append(r.get("pgr"))
     return [
         (method, stopping, sum(v is not None for v in values), len(values), median_pgr(values))
@@ -196,6 +231,22 @@ def _summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for method, stopping, defined, total, value in median_pgr_by_method(results)
     ]
     return headers, rows
+
+
+def _provenance(results: dict[str, Any]) -> list[str]:
+    """Lines that say where the numbers come from: command, commit, seeds, test set, interval method."""
+    lines = []
+    if results.get("command"):
+        lines.append(f"command: `{results['command']}`")
+    if results.get("commit"):
+        lines.append(f"commit: {results['commit']}")
+    if results.get("seeds"):
+        lines.append(f"seeds: {', '.join(str(s) for s in results['seeds'])}")
+    if results.get("n_test"):
+        lines.append(f"test set: {results['n_test']} examples in {results.get('test_clusters', '?')} clusters")
+    if results.get("interval"):
+        lines.append(f"intervals: {results['interval']}")
+    return lines
 
 
 def _footnotes(results: dict[str, Any]) -> list[str]:
@@ -226,7 +277,10 @@ def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _is_numeric(text: str) -> bool:
-    return text in (MISSING, PGR_UNDEFINED) or text.replace(".", "", 1).replace("-", "", 1).replace("/", "").isdigit()
+    """Right-aligned cells: numbers, intervals, per-seed lists and the missing marks."""
+    if text in (MISSING, PGR_UNDEFINED) or text.startswith(PGR_UNDEFINED):
+        return True
+    return all(c.isdigit() or c in ".-/[], " for c in text) and any(c.isdigit() for c in text)
 
 
 def _sections(results: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
@@ -241,6 +295,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     """Markdown tables: ground-truth runs, students, median PGR per method; then footnotes and notes."""
     check_results(results)
     parts = [f"# Weak-to-strong results: {results['task']}"]
+    if _provenance(results):
+        parts.append("\n".join(f"{line}  " for line in _provenance(results)))
     for title, (headers, rows) in _sections(results):
         parts.append(f"## {title}\n\n{_markdown_table(headers, rows)}")
     footnotes = _footnotes(results)
@@ -254,7 +310,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 def results_text(results: dict[str, Any]) -> str:
     """The same tables as plain aligned text for a terminal."""
     check_results(results)
-    parts = [f"Weak-to-strong results: {results['task']}"]
+    parts = [f"Weak-to-strong results: {results['task']}", "\n".join(_provenance(results))]
     for title, (headers, rows) in _sections(results):
         parts.append(f"{title}\n{_text_table(headers, rows)}")
     parts += _footnotes(results)
@@ -289,11 +345,12 @@ def _accuracy_figure(results: dict[str, Any]) -> Figure:
 
     ground_truth = defaultdict(dict)  # method label -> model -> accuracy (the ceiling's when a model has two runs)
     for r in sorted(ground_truth_runs(results), key=lambda r: r["role"] != "ceiling"):
-        ground_truth[_method_label(r)].setdefault(r["model"], r["accuracy"])
-    for label, accs in ground_truth.items():
-        models = sorted(accs, key=lambda m: x_of[m])
+        ground_truth[_method_label(r)].setdefault(r["model"], r)
+    for label, runs in ground_truth.items():
+        runs = sorted(runs.values(), key=lambda r: x_of[r["model"]])
         name = "ground truth" if len(ground_truth) == 1 else f"ground truth ({label})"
-        ax.plot([x_of[m] for m in models], [accs[m] for m in models], "k-o", lw=2, label=name, zorder=3)
+        ax.errorbar([x_of[r["model"]] for r in runs], [r["accuracy"] for r in runs], yerr=_yerr(runs, "accuracy"),
+                    fmt="k-o", lw=2, capsize=3, label=name, zorder=3)
 
     curves = defaultdict(list)
     for r in student_runs(results):
@@ -301,11 +358,11 @@ def _accuracy_figure(results: dict[str, Any]) -> Figure:
     colors = [f"C{i % 10}" for i in range(len(curves))]
     for color, ((supervisor, method), runs) in zip(colors, curves.items()):
         runs = sorted(runs, key=lambda r: x_of[r["model"]])
-        xs, ys = [x_of[r["model"]] for r in runs], [r["accuracy"] for r in runs]
         start = supervisor_run(results, supervisor)
         if start is not None:
-            xs, ys = [x_of[start["model"]]] + xs, [start["accuracy"]] + ys
-        ax.plot(xs, ys, "--o", color=color, label=f"{supervisor} → students, {method}")
+            runs = [start] + runs
+        ax.errorbar([x_of[r["model"]] for r in runs], [r["accuracy"] for r in runs], yerr=_yerr(runs, "accuracy"),
+                    fmt="--o", color=color, capsize=3, label=f"{supervisor} → students, {method}")
 
     if log_x:
         ax.set_xscale("log")
@@ -321,12 +378,25 @@ def _accuracy_figure(results: dict[str, Any]) -> Figure:
     return fig
 
 
+def _yerr(runs: Sequence[dict[str, Any]], key: str):
+    """Error bars [2, n] from the runs' 95% intervals (zero where a run has none)."""
+    lower, upper = [], []
+    for r in runs:
+        ci = r.get(f"{key}_ci")
+        value = r.get(key) or 0.0
+        lower.append(value - ci[0] if ci else 0.0)
+        upper.append(ci[1] - value if ci else 0.0)
+    return [lower, upper]
+
+
 def _pgr_figure(results: dict[str, Any]) -> Figure:
-    """PGR per method, one group of bars per supervisor -> student pair; undefined PGRs are marked n/a."""
+    """PGR per method with 95% intervals, one group of bars per supervisor -> student pair; undefined PGRs are
+    marked n/a, and a plot with no defined PGR says why in its middle."""
     students = student_runs(results)
     pairs = list(dict.fromkeys((str(r["supervisor"]), r["model"]) for r in students))
     methods = list(dict.fromkeys(_method_label(r) for r in students))
     value = {(str(r["supervisor"]), r["model"], _method_label(r)): r.get("pgr") for r in students}
+    run = {(str(r["supervisor"]), r["model"], _method_label(r)): r for r in students}
 
     fig = Figure(figsize=(max(5, 1.2 * len(pairs) * max(1, len(methods)) ** 0.5 + 2), 4.5))
     FigureCanvasAgg(fig)
@@ -335,12 +405,18 @@ def _pgr_figure(results: dict[str, Any]) -> Figure:
     for j, method in enumerate(methods):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(pairs))]
         heights = [value.get((s, m, method)) for s, m in pairs]
-        ax.bar(xs, [0.0 if h is None else h for h in heights], width, color=f"C{j % 10}", label=method)
+        runs = [run.get((s, m, method), {}) for s, m in pairs]
+        ax.bar(xs, [0.0 if h is None else h for h in heights], width, yerr=_yerr(runs, "pgr"), capsize=3,
+               color=f"C{j % 10}", label=method)
         for x, h, pair in zip(xs, heights, pairs):
             if h is None and (*pair, method) in value:
                 ax.text(x, 0.0, "n/a", ha="center", va="bottom", fontsize="small")
     ax.axhline(0.0, color="k", lw=0.8)
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    if all(v is None for v in value.values()):
+        reasons = sorted({r.get("pgr_undefined") or "ceiling not above weak" for r in students})
+        ax.text(0.5, 0.5, "no PGR is defined:\n" + "; ".join(reasons) + "\n(see results.md)",
+                transform=ax.transAxes, ha="center", va="center")
     ax.set_xticks(range(len(pairs)), [f"{s} → {m}" for s, m in pairs], rotation=20, ha="right")
     ax.set_ylabel("PGR")
     ax.set_title(f"{results['task']}: performance gap recovered")

@@ -253,6 +253,16 @@ def legal_move_candidates(board):
     return sorted(" " + board.san(move) for move in board.legal_moves)
 
 
+def game_id(game_url, puzzle_id):
+    """The game a puzzle comes from: its GameUrl without the move anchor and the side (lichess writes
+    `https://lichess.org/<id>/black#48`); a puzzle without one is its own game."""
+    url = game_url.split("#")[0].strip().rstrip("/")
+    for side in ("/white", "/black"):
+        if url.endswith(side):
+            url = url[:-len(side)]
+    return url or f"puzzle:{puzzle_id}"
+
+
 def puzzle_to_example(puzzle, prompt_format):
     board = chess.Board(puzzle["fen"])
     candidates = legal_move_candidates(board)
@@ -268,6 +278,7 @@ def puzzle_to_example(puzzle, prompt_format):
         "candidates": candidates,
         "label": label,
         "accept": accept,
+        "group": game_id(puzzle.get("game_url", ""), puzzle["id"]),  # splits keep a game's puzzles together
         "meta": {"rating": puzzle["rating"], "themes": list(puzzle["themes"]), "fen": puzzle["fen"],
                  "solution_uci": puzzle["solution_uci"]},
     }
@@ -355,7 +366,24 @@ def _shuffled_rows(path, rng):
 
 def _game_of(row):
     line, fields = row[0], row[1]
-    return (fields or {}).get("GameUrl", "").split("#")[0] or f"line {line}"
+    return game_id((fields or {}).get("GameUrl", ""), f"line {line}")
+
+
+def _train_and_test(train_path, test_path, task_cfg, rng):
+    """Train and test puzzles from two files. Training rows from a game that a test puzzle also comes from are
+    skipped: a later puzzle's prompt holds the earlier one's position and often its solution. Returns
+    (train, test, notes)."""
+    train_rows, test_rows = _shuffled_rows(train_path, rng), _shuffled_rows(test_path, rng)
+    test = _take(test_path, test_rows, task_cfg.n_test, task_cfg.on_bad_row, "n_test")
+    test_games = {game_id(p["game_url"], p["id"]) for p in test}
+    kept = [row for row in train_rows if _game_of(row) not in test_games]
+    notes = []
+    if len(kept) < len(train_rows):
+        notes.append(f"{len(train_rows) - len(kept)} of {len(train_rows)} puzzles in {train_path.name} come from a "
+                     "game of a test puzzle and were not used for training")
+        logger.info(notes[-1])
+    train = _take(train_path, kept, task_cfg.n_train, task_cfg.on_bad_row, "n_train")
+    return train, test, notes
 
 
 def _split_by_game(path, rows, task_cfg, rng):
@@ -390,34 +418,35 @@ def _load_generated(task_cfg, rng):
         raise FileNotFoundError(f"task.data_dir: {data_dir} does not exist; create it with "
                                 f"`python -m w2s_jax.data.chess_gen --out {data_dir} --preset tiny` "
                                 "or set task.generator.generate_if_missing=True")
-    splits = {}
-    for split, key in (("train", "n_train"), ("test", "n_test")):
-        path = find_data_file(data_dir, f"{split}.csv")
-        if path is None:
+    paths = {}
+    for split in ("train", "test"):
+        paths[split] = find_data_file(data_dir, f"{split}.csv")
+        if paths[split] is None:
             raise FileNotFoundError(f"task.data_dir: {data_dir} has no {split}.csv or {split}.csv.gz")
-        splits[split] = _take(path, _shuffled_rows(path, rng), task_cfg[key], task_cfg.on_bad_row, key)
-    return splits["train"], splits["test"], find_data_file(data_dir, "corpus.txt")
+    train, test, notes = _train_and_test(paths["train"], paths["test"], task_cfg, rng)
+    return train, test, find_data_file(data_dir, "corpus.txt"), notes
 
 
 def _load_lichess(task_cfg, rng):
     csv_path = _require(resolve_path(task_cfg.csv_path, "csv_path"), "csv_path")
     if not task_cfg.test_csv_path:
         train, test = _split_by_game(csv_path, _csv_rows(csv_path), task_cfg, rng)
-        return train, test, None
+        return train, test, None, []
     test_path = _require(resolve_path(task_cfg.test_csv_path, "test_csv_path"), "test_csv_path")
-    train = _take(csv_path, _shuffled_rows(csv_path, rng), task_cfg.n_train, task_cfg.on_bad_row, "n_train")
-    test = _take(test_path, _shuffled_rows(test_path, rng), task_cfg.n_test, task_cfg.on_bad_row, "n_test")
-    return train, test, None
+    train, test, notes = _train_and_test(csv_path, test_path, task_cfg, rng)
+    return train, test, None, notes
 
 
 def load_chess_task(task_cfg):
-    """Returns {"train": [Example], "test": [Example], "corpus": [game text]}, deterministic from task_cfg.seed."""
+    """Returns {"train": [Example], "test": [Example], "corpus": [game text], "notes": [str]}, deterministic from
+    task_cfg.seed. Each Example's `group` is its game: no game is in both train and test, and the pipeline's
+    splits keep a game's puzzles together."""
     _check_on_error(task_cfg.on_bad_row)
     rng = random.Random(task_cfg.seed)
     if task_cfg.source == "generated":
-        train, test, corpus_file = _load_generated(task_cfg, rng)
+        train, test, corpus_file, notes = _load_generated(task_cfg, rng)
     elif task_cfg.source == "lichess_csv":
-        train, test, corpus_file = _load_lichess(task_cfg, rng)
+        train, test, corpus_file, notes = _load_lichess(task_cfg, rng)
     else:
         raise ValueError(f"task.source must be 'generated' or 'lichess_csv', got {task_cfg.source!r}")
     if task_cfg.corpus_path:
@@ -429,4 +458,5 @@ def load_chess_task(task_cfg):
         "train": puzzles_to_examples(train, task_cfg.prompt_format),
         "test": puzzles_to_examples(test, task_cfg.prompt_format),
         "corpus": corpus,
+        "notes": notes,
     }
