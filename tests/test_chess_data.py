@@ -143,6 +143,22 @@ def test_lichess_csv_task_splits_by_game_and_is_deterministic(tmp_path):
     assert [e["id"] for e in other_seed["test"]] != [e["id"] for e in task["test"]]
 
 
+def test_examples_carry_their_game_and_a_separate_test_csv_shares_none(tmp_path):
+    """A test CSV given apart from the training CSV: training puzzles from a game of a test puzzle are skipped
+    (with a note), so no game feeds both; every example's group is its game, side and move anchor dropped."""
+    assert cd.game_id("https://lichess.org/abcd1234/black#48", "x") == "https://lichess.org/abcd1234"
+    assert cd.game_id("", "p7") == "puzzle:p7"
+    test_rows = [SCHOLAR_ROW.replace("sch01", f"t{i}").replace("g1#6", f"g{i}#6") for i in range(2)]
+    cfg = lichess_task(tmp_path, 4, 2, test_csv_path=str(write(tmp_path, test_rows, name="test.csv")))
+    task = cd.load_chess_task(cfg)
+    train_games = {e["group"] for e in task["train"]}
+    test_games = {e["group"] for e in task["test"]}
+    assert test_games == {"https://x/g0", "https://x/g1"}
+    assert not train_games & test_games and len(task["train"]) == 4
+    assert task["notes"] == ["4 of 10 puzzles in puzzles.csv come from a game of a test puzzle and were not used "
+                             "for training"]
+
+
 def test_task_errors_name_the_config_key(tmp_path):
     cfg = lichess_task(tmp_path, 6, 4, csv_path=str(tmp_path / "missing.csv"))
     with pytest.raises(FileNotFoundError, match=r"task\.csv_path: .*missing\.csv does not exist"):

@@ -22,30 +22,40 @@ def run_main(*args, env=None, check=True):
 
 
 def check_results_consistent(workdir):
-    """results.json agrees with predictions/*.jsonl: accuracy, PGR, agreement and error agreement."""
+    """results.json agrees with every seed's predictions/*.jsonl (accuracy, PGR, agreement, error agreement), and
+    each reported number is the mean of the seeds' values, inside its 95% interval."""
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    preds = {}
+    seeds = results["seeds"]
+    for seed in seeds:
+        folder = workdir if len(seeds) == 1 else os.path.join(workdir, f"seed{seed}")
+        runs = results["per_seed"][str(seed)]
+        by_name = {r["name"]: r for r in runs}
+        preds = {}
+        for run in runs:
+            rows = metrics.read_predictions(os.path.join(folder, "predictions", f"{run['name']}.jsonl"))
+            assert run["accuracy"] == pytest.approx(metrics.accuracy_from_predictions(rows), abs=1e-12)
+            assert all(r["answer"] is not None and "key" in r for r in rows)  # the candidate texts are there
+            preds[run["name"]] = rows
+        for run in runs:
+            if run["role"] != "student":
+                continue
+            weak, ceiling = by_name[run["weak_run"]]["accuracy"], by_name[run["ceiling_run"]]["accuracy"]
+            assert run["pgr"] == metrics.pgr(run["accuracy"], weak, ceiling)
+            sup_rows = preds[run["supervisor_run"]]  # the run whose labels it trained on (a chain's previous step)
+            stu = [r["key"] for r in preds[run["name"]]]
+            sup = [r["key"] for r in sup_rows]
+            assert run["agreement"] == pytest.approx(sum(a == b for a, b in zip(stu, sup)) / len(stu))
+            wrong = [i for i, r in enumerate(sup_rows) if not r["correct"]]
+            if wrong:
+                assert run["error_agreement"] == pytest.approx(sum(stu[i] == sup[i] for i in wrong) / len(wrong))
     for run in results["runs"]:
-        rows = metrics.read_predictions(os.path.join(workdir, "predictions", f"{run['name']}.jsonl"))
-        assert run["accuracy"] == pytest.approx(metrics.accuracy_from_predictions(rows), abs=1e-12)
-        preds[run["name"]] = rows
-    by_name = {r["name"]: r for r in results["runs"]}
-    for run in results["runs"]:
-        if run["role"] != "student":
-            continue
-        weak = by_name[f"gt_{run['supervisor']}"]["accuracy"]
-        ceiling = by_name[f"gt_{run['model']}"]["accuracy"]
-        if run["method"] != "probe":
-            assert run["pgr"] == (None if ceiling <= weak else pytest.approx((run["accuracy"] - weak) /
-                                                                               (ceiling - weak)))
-        sup_rows = preds[run["supervisor_run"]]  # the run whose labels it trained on (a chain's previous step)
-        stu = [r["prediction"] for r in preds[run["name"]]]
-        sup = [r["prediction"] for r in sup_rows]
-        assert run["agreement"] == pytest.approx(sum(a == b for a, b in zip(stu, sup)) / len(stu))
-        wrong = [i for i, r in enumerate(sup_rows) if not r["correct"]]
-        if wrong:
-            assert run["error_agreement"] == pytest.approx(sum(stu[i] == sup[i] for i in wrong) / len(wrong))
+        per_seed = [next(r for r in results["per_seed"][str(s)] if r["name"] == run["name"]) for s in seeds]
+        assert run["accuracy_seeds"] == [r["accuracy"] for r in per_seed]
+        assert run["accuracy"] == pytest.approx(sum(run["accuracy_seeds"]) / len(seeds))
+        lo, hi = run["accuracy_ci"]
+        assert lo - 1e-9 <= run["accuracy"] <= hi + 1e-9
+    assert results["config"] and results["versions"]["jax"] and "command" in results
     assert os.path.isfile(os.path.join(workdir, "results.md"))
     assert os.listdir(os.path.join(workdir, "plots"))
     return results
@@ -78,6 +88,9 @@ def test_sciq_local_files_end_to_end_with_every_method(tmp_path):
     methods = {r["method"] for r in results["runs"]}
     assert {"ground_truth", "xent", "logconf", "probe", "finetune_probe", "genft+xent", "zero_shot",
             "few_shot"} <= methods
+    by_name = {r["name"]: r for r in results["runs"]}
+    assert by_name["w2s_weak_to_strong_probe"]["ceiling_run"] == "gt_probe_strong"
+    assert by_name["finetune_probe_w2s_weak_to_strong_xent"]["role"] == "baseline"  # ground-truth probe: no PGR
     assert "Weak-to-strong results" in first.stdout
     # A rerun skips every stage and reports the same numbers.
     second = run_main(*args)
@@ -121,22 +134,42 @@ def test_reward_modeling_pairwise_end_to_end(tmp_path):
     assert {r["early_stopping"] for r in results["runs"] if r["role"] == "student"} == {"weak_labels"}
     assert {r["early_stopping"] for r in results["runs"] if r["role"] != "student"} == {"ground_truth"}
     with open(os.path.join(workdir, "runs", "w2s_weak_to_strong_xent", "result.json")) as f:
-        assert json.load(f)["best_step"] is not None
+        assert json.load(f)["best_step"] is not None  # one seed: the runs sit in the workdir itself
     rows = metrics.read_predictions(os.path.join(workdir, "predictions", "gt_strong.jsonl"))
     assert len(rows) == 60 and all(len(r["accept"]) == 1 for r in rows)
 
 
-def test_chess_smoke_end_to_end(tmp_path):
-    """The chess smoke preset: ground truth, naive and logconf students, and the weak->mid->strong chain."""
+def test_chess_smoke_end_to_end_with_seeds_and_fingerprints(tmp_path):
+    """The chess smoke preset over two seeds: ground truth, naive and logconf students and the weak->mid->strong
+    chain, the direct pair on a chain step's data; then a changed loss setting reruns only the runs it determines."""
     workdir = str(tmp_path / "run")
-    run_main("--config=configs/chess.py:smoke", f"--workdir={workdir}")
+    args = ["--config=configs/chess.py:smoke", f"--workdir={workdir}", "--config.experiment.seeds=0,1",
+            "--config.experiment.pair_examples=chain_step"]
+    run_main(*args)
     results = check_results_consistent(workdir)
     names = {r["name"] for r in results["runs"]}
     assert {"gt_weak", "gt_mid", "gt_strong", "w2s_weak_to_strong_xent", "w2s_weak_to_strong_logconf",
             "chain_weak-mid-strong_xent_step1", "chain_weak-mid-strong_xent_step2"} <= names
-    rows = metrics.read_predictions(os.path.join(workdir, "predictions", "gt_strong.jsonl"))
-    assert len(rows) == 64
+    by_name = {r["name"]: r for r in results["runs"]}
+    assert by_name["chain_weak-mid-strong_xent_step1"]["chain_final"] is False
+    assert by_name["chain_weak-mid-strong_xent_step2"]["method"] == "chain:weak->mid->strong"
+    for seed in (0, 1):
+        folder = os.path.join(workdir, f"seed{seed}", "runs")
+        rows = metrics.read_predictions(os.path.join(workdir, f"seed{seed}", "predictions", "gt_strong.jsonl"))
+        assert len(rows) == 64
+        # the same number of examples for the direct pair and the chain's last step (the same slice)
+        step = json.load(open(os.path.join(folder, "chain_weak-mid-strong_xent_step2", "result.json")))
+        pair = json.load(open(os.path.join(folder, "w2s_weak_to_strong_xent", "result.json")))
+        assert pair["train_examples"] == step["train_examples"]
     # labels are distributions over each puzzle's legal moves, stored with the example ids
-    with open(os.path.join(workdir, "runs", "gt_weak", "labels_B.jsonl")) as f:
+    with open(os.path.join(workdir, "seed0", "runs", "gt_weak", "labels_B.jsonl")) as f:
         label = json.loads(f.readline())
     assert abs(sum(label["probs"]) - 1) < 1e-4 and isinstance(label["id"], str)
+
+    # A changed config key reruns exactly the stages it determines, and says which key changed.
+    rerun = run_main(*args, "--config.losses.logconf.aux_coef=0.3")
+    assert rerun.stderr.count("recomputing, its inputs changed: losses.logconf.aux_coef: 0.5 -> 0.3") == 2
+    trained = [line for line in rerun.stderr.splitlines() if ": training " in line]
+    assert len(trained) == 2 and all("w2s_weak_to_strong_logconf" in line for line in trained)
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["config"]["losses"]["logconf"]["aux_coef"] == 0.3

@@ -1,0 +1,112 @@
+"""The experiment's plan without training: group-preserving splits, stage fingerprints, config refusals."""
+import json
+import os
+
+import pytest
+
+from configs import chess as chess_config, sciq as sciq_config
+from w2s_jax import pipeline
+
+
+def _examples(sizes):
+    """Groups of the given sizes: ids g<k>_<i>, group g<k>."""
+    return [{"id": f"g{k}_{i}", "group": f"g{k}"} for k, n in enumerate(sizes) for i in range(n)]
+
+
+def test_halves_validation_and_chain_slices_keep_groups_whole():
+    examples = _examples([1, 4, 2, 3, 1, 5, 2, 2, 6, 1, 3, 4] * 5)
+    groups = [pipeline.group_of(ex) for ex in examples]
+    for seed in range(5):
+        a, b = pipeline.split_halves(examples, seed)
+        assert sorted(a + b) == list(range(len(examples)))
+        assert not {groups[i] for i in a} & {groups[i] for i in b}
+        assert abs(len(a) - len(b)) <= 12  # at most about one group off the middle
+        parts = pipeline.cut_at_groups(b, groups, [1 / 3, 2 / 3])
+        assert len(parts) == 3 and sum(parts, []) == b
+        for x in range(3):
+            for y in range(x):
+                assert not {groups[i] for i in parts[x]} & {groups[i] for i in parts[y]}
+    assert pipeline.split_halves(examples, 0) == pipeline.split_halves(examples, 0)
+    assert pipeline.split_halves(examples, 0) != pipeline.split_halves(examples, 1)
+
+
+def test_examples_without_groups_split_one_by_one():
+    examples = [{"id": str(i)} for i in range(10)]
+    a, b = pipeline.split_halves(examples, 0)
+    assert len(a) == len(b) == 5
+
+
+def test_validation_carve_out_keeps_groups_whole(tmp_path):
+    cfg = chess_config.get_config("smoke")
+    cfg.train.early_stopping = "weak_labels"
+    cfg.train.val_frac = 0.25
+    exp = pipeline.Experiment(cfg, str(tmp_path))
+    examples = _examples([3, 3, 3, 3, 3, 3, 3, 3])
+    train, val = exp.validation_split(list(range(len(examples))), examples)
+    assert len(val) == 6 and sorted(train + val) == list(range(24))
+
+
+def test_a_stage_is_reused_only_while_its_fingerprint_matches(tmp_path, caplog):
+    exp = pipeline.Experiment(chess_config.get_config("smoke"), str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        os.makedirs(exp.path("runs", "run", "ckpt"), exist_ok=True)  # a checkpoint made under these inputs
+        return {"run": "run", "accuracy": 0.5}
+
+    spec = {"train.lr": 1e-3, "losses.logconf.aux_coef": 0.5, "model_weights": "abc"}
+    first = exp.cached("run", spec, compute)
+    assert exp.cached("run", dict(spec), compute) == first and len(calls) == 1
+    with caplog.at_level("WARNING"):
+        exp.cached("run", {**spec, "losses.logconf.aux_coef": 0.3}, compute)
+    assert len(calls) == 2
+    assert "losses.logconf.aux_coef: 0.5 -> 0.3" in caplog.text and "train.lr" not in caplog.text
+    # an interrupted stage under other inputs leaves a checkpoint: it is deleted, never resumed
+    os.remove(exp.path("runs", "run", "result.json"))
+    stale = exp.path("runs", "run", "ckpt", "7")
+    os.makedirs(stale)
+    exp.cached("run", {**spec, "train.lr": 2e-3}, compute)
+    assert not os.path.exists(stale) and len(calls) == 3
+    with open(exp.path("runs", "run", "fingerprint.json")) as f:
+        assert json.load(f)["spec"]["train.lr"] == 2e-3
+
+
+def test_train_spec_names_what_determines_a_run(tmp_path):
+    cfg = chess_config.get_config("smoke")
+    exp = pipeline.Experiment(cfg, str(tmp_path))
+    exp.digests.update({"test": "t", "model:strong": "w"})
+    spec = exp.train_spec("strong", "logconf")
+    assert spec["losses.logconf.aux_coef"] == 0.5 and spec["train.epochs"] == 1.0 and spec["seed"] == 0
+    assert spec["models.strong.lr"] == cfg.models.strong.lr and spec["model_weights"] == "w"
+    assert "losses.product.alpha" not in spec  # another loss's settings do not determine this run
+
+
+@pytest.mark.parametrize("method", ["probe", "finetune_probe"])
+def test_probes_are_refused_on_chess(method):
+    cfg = chess_config.get_config("smoke")
+    cfg.experiment.methods = method
+    with pytest.raises(ValueError, match=f"'{method}' needs a fixed set of classes, but task.scoring='choice_lm'"):
+        pipeline.validate_config(cfg)
+    cfg = sciq_config.get_config("smoke")
+    cfg.experiment.methods = method
+    pipeline.validate_config(cfg)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seeds", "0,x", "experiment.seeds='0,x': expected comma-separated integers"),
+    ("seeds", "1,1", "expected one or more distinct integers"),
+    ("pair_examples", "half", "experiment.pair_examples='half'"),
+])
+def test_bad_experiment_settings_are_refused(key, value, message):
+    cfg = chess_config.get_config("smoke")
+    cfg.experiment[key] = value
+    with pytest.raises(ValueError, match=message):
+        pipeline.validate_config(cfg)
+
+
+def test_pair_examples_chain_step_needs_a_chain():
+    cfg = chess_config.get_config("smoke")
+    cfg.experiment.update(pair_examples="chain_step", chains="")
+    with pytest.raises(ValueError, match="experiment.chains is empty"):
+        pipeline.validate_config(cfg)
