@@ -19,6 +19,7 @@ setup(
         "datasets",
         "tokenizers",
         "safetensors",
+        "gguf>=0.16",  # GGUF import (ReaderField.contents appeared in 0.16)
         "chess",
         "tqdm",
         "matplotlib",

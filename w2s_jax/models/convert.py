@@ -1,20 +1,27 @@
-"""Hugging Face LLaMA checkpoints (config.json + safetensors) <-> our Flax params, without PyTorch.
+"""LLaMA checkpoints <-> our Flax params, without PyTorch: Hugging Face directories (config.json + safetensors)
+both ways, and llama.cpp GGUF files (quantised or not) in.
 
-Our kernels are HF's `weight.T` and q/k use HF's rotate_half layout, so conversion is a rename and a transpose.
-With a mesh, `load_hf` builds every array straight into its sharding, reading from the safetensors files only the
-slices this process's devices hold; no device (or host) ever holds a full copy of a sharded tensor.
+Our kernels are HF's `weight.T` and q/k use HF's rotate_half layout, so HF conversion is a rename and a transpose;
+GGUF adds dequantisation and undoing llama.cpp's q/k row order. With a mesh, `load_hf` and `load_gguf` build every
+array straight into its sharding, reading from the files only the slices this process's devices hold; no device
+(or host) ever holds a full copy of a sharded tensor.
+
+A model's `checkpoint` may be either kind: `checkpoint_config`, `load_checkpoint` and `load_tokenizer` dispatch on
+it (a path ending in `.gguf` is a GGUF file, anything else a HF directory).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
+import gguf
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can return bf16 tensors)
@@ -23,7 +30,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from w2s_jax import parallel
-from w2s_jax.models.llama import ROPE_TYPES, LlamaConfig, LlamaForCausalLM
+from w2s_jax.errors import UserError
+from w2s_jax.models.llama import ROPE_TYPES, LlamaConfig, LlamaForCausalLM, rope_inv_freq
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,8 +42,8 @@ WEIGHTS_FILE = "model.safetensors"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint's tensors do not match its config.json (a tensor missing or of the wrong shape)."""
+class CheckpointError(UserError):
+    """A checkpoint's tensors do not match its config (a tensor missing or of the wrong shape)."""
 
 
 # (flax path inside a decoder layer, HF name inside `model.layers.{i}.`, is a Dense kernel (stored transposed))
@@ -402,18 +412,308 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
         raise ValueError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     files = _weight_files(path)
-    specs = tensor_specs(cfg)
-    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     with contextlib.ExitStack() as stack:
         reader = _Reader(path, files, stack)
-        _check_tensors(reader, specs)
-        if mesh is None:
-            params = _host_loader(reader, cfg, specs, np_dtype)
-        else:
-            example = jnp.zeros((1, 1), jnp.int32)
-            shardings = parallel.param_shardings(LlamaForCausalLM(cfg), example, mesh, rules)
-            params = _sharded_loader(reader, cfg, specs, np_dtype, shardings)
+        _check_tensors(reader, tensor_specs(cfg))
+        params = _load_params(reader, cfg, mesh, rules)
     return cfg, params
+
+
+def _load_params(reader, cfg: LlamaConfig, mesh: jax.sharding.Mesh | None, rules) -> dict:
+    """Params from a checked reader (anything with `read(hf_name, index)`): host arrays on the default device, or
+    with `mesh` every array built straight into its sharding."""
+    specs = tensor_specs(cfg)
+    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    if mesh is None:
+        return _host_loader(reader, cfg, specs, np_dtype)
+    example = jnp.zeros((1, 1), jnp.int32)
+    shardings = parallel.param_shardings(LlamaForCausalLM(cfg), example, mesh, rules)
+    return _sharded_loader(reader, cfg, specs, np_dtype, shardings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp)
+#
+# The config is metadata (`llama.*`, `tokenizer.ggml.*`), the tensors have llama.cpp's names and most are quantised
+# in blocks that run along each row. llama.cpp's converter also reorders the rows of q and k inside each head for
+# its rotary kernel (pairs interleaved instead of HF's rotate_half halves); we undo that, so the params come out
+# exactly as from the HF checkpoint the file was made from.
+
+GGUF_SUFFIX = ".gguf"
+# HF name -> GGUF name, outside the layers, and inside `model.layers.{i}.` -> `blk.{i}.`.
+_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+# LLaMA-3.1 rope scaling: llama.cpp writes it as a tensor of per-frequency divisors, not as metadata.
+_GGUF_ROPE_FACTORS = "rope_freqs.weight"
+# The tensor types tests/test_gguf.py checks against transformers; gguf.quants dequantises more (Q5_*, Q2_K, IQ*).
+GGUF_TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+_MISSING = object()
+
+
+def gguf_name(hf_name: str) -> str:
+    """The GGUF name of a HF LLaMA tensor: `model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`."""
+    if hf_name in _GGUF_NAMES:
+        return _GGUF_NAMES[hf_name]
+    _, _, layer, inner = hf_name.split(".", 3)
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES[inner]}"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    return str(path).endswith(GGUF_SUFFIX)
+
+
+def _open_gguf(path: Path) -> gguf.GGUFReader:
+    """The file's metadata and tensor index; the file is memory-mapped, so no tensor is read yet."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:  # e.g. "GGUF magic invalid"
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _gguf_value(reader: gguf.GGUFReader, key: str, default: Any = _MISSING) -> Any:
+    field = reader.get_field(key)
+    if field is not None:
+        return field.contents()
+    if default is _MISSING:
+        raise UserError(f"{reader.data.filename}: GGUF metadata has no {key!r}")
+    return default
+
+
+def _float32_value(x: float) -> float:
+    """GGUF stores floats as float32: 1e-5 comes back as 9.99999974e-06. Keep the shortest decimal that is it."""
+    return float(str(np.float32(x)))
+
+
+def _rope_from_gguf(reader: gguf.GGUFReader, tensors: dict, theta: float, head_dim: int) -> dict:
+    """Our rope fields: linear scaling from metadata, LLaMA-3.1 scaling from the `rope_freqs.weight` tensor."""
+    path = reader.data.filename
+    kind = _gguf_value(reader, "llama.rope.scaling.type", "none")
+    factor = _gguf_value(reader, "llama.rope.scaling.factor", None) or _gguf_value(reader, "llama.rope.scale_linear",
+                                                                                   None)
+    rope = {"rope_theta": theta}
+    if kind == "linear" or (kind == "none" and factor and factor != 1.0):
+        if not factor:
+            raise UserError(f"{path}: llama.rope.scaling.type is 'linear' but llama.rope.scaling.factor is missing")
+        return {**rope, "rope_type": "linear", "rope_factor": _float32_value(factor)}
+    if kind != "none":
+        raise UserError(f"{path}: llama.rope.scaling.type = {kind!r} is not supported (supported: none, linear, "
+                        f"and LLaMA-3.1 scaling given as {_GGUF_ROPE_FACTORS!r})")
+    if _GGUF_ROPE_FACTORS not in tensors:
+        return {**rope, "rope_type": "default"}
+    # llama.cpp divides each frequency by its factor: 1 for the high frequencies, `factor` for the low ones and a
+    # smooth ramp between. We recover the LLaMA-3.1 parameters (factor = the largest divisor; low 1, high 4 and the
+    # original context 8192, as every LLaMA-3.x checkpoint has) and check they give back every divisor.
+    t = tensors[_GGUF_ROPE_FACTORS]
+    divisors = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)
+    llama3 = {**rope, "rope_type": "llama3", "rope_factor": _float32_value(divisors.max()),
+              "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0,
+              "rope_original_max_position": int(_gguf_value(reader, "llama.rope.scaling.original_context_length",
+                                                            8192))}
+    plain = LlamaConfig(head_dim=head_dim, rope_theta=theta)
+    expected = np.asarray(rope_inv_freq(plain)) / np.asarray(rope_inv_freq(plain.replace(**llama3)))
+    if expected.shape != divisors.shape or not np.allclose(expected, divisors, rtol=1e-4):
+        raise UserError(f"{path}: tensor {_GGUF_ROPE_FACTORS!r} is not LLaMA-3.1 rope scaling (factor "
+                        f"{llama3['rope_factor']}, low/high frequency factors 1/4, original context "
+                        f"{llama3['rope_original_max_position']}); other frequency factors are not supported")
+    return llama3
+
+
+def config_from_gguf(reader: gguf.GGUFReader, *, dtype: str | None = None, param_dtype: str | None = None,
+                     scan_layers: bool = False, **overrides) -> LlamaConfig:
+    """A LlamaConfig from a GGUF file's metadata and tensor index (the vocabulary is the embedding's rows; tied
+    embeddings mean no `output.weight`). dtypes are ours to choose (default float32), as in `config_from_hf`."""
+    path = reader.data.filename
+    arch = _gguf_value(reader, "general.architecture", None)
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+
+    def key(name, default=_MISSING):
+        return _gguf_value(reader, f"llama.{name}", default)
+
+    experts = key("expert_count", 0)
+    if experts:
+        raise UserError(f"{path}: llama.expert_count = {experts}: mixture-of-experts models are not supported")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: GGUF file has no tensor 'token_embd.weight'")
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", hidden // heads))
+    rotated = int(key("rope.dimension_count", head_dim))
+    if rotated != head_dim:
+        raise UserError(f"{path}: llama.rope.dimension_count = {rotated} but head_dim = {head_dim}; "
+                        f"partial rotary embeddings are not supported")
+    defaults = LlamaConfig()
+
+    def token_id(name, default):
+        return int(_gguf_value(reader, f"tokenizer.ggml.{name}", default))
+
+    fields = dict(
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGML lists dimensions fastest first
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_hidden_layers=int(key("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=_float32_value(key("attention.layer_norm_rms_epsilon", defaults.rms_norm_eps)),
+        tie_word_embeddings="output.weight" not in tensors,
+        max_position_embeddings=int(key("context_length", defaults.max_position_embeddings)),
+        bos_token_id=token_id("bos_token_id", defaults.bos_token_id),
+        eos_token_id=token_id("eos_token_id", defaults.eos_token_id),
+        pad_token_id=token_id("padding_token_id", defaults.pad_token_id),
+        dtype=dtype or defaults.dtype,
+        param_dtype=param_dtype or defaults.param_dtype,
+        scan_layers=scan_layers,
+        **_rope_from_gguf(reader, tensors, _float32_value(key("rope.freq_base", 10000.0)), head_dim),
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def _gguf_row_order(heads: int, head_dim: int) -> np.ndarray:
+    """For each HF row of q (or k), the GGUF row that holds it.
+
+    llama.cpp keeps each head's rotary pairs next to each other: HF row h*d + s*d/2 + i (half s, pair i) is GGUF
+    row h*d + 2*i + s.
+    """
+    return np.arange(heads * head_dim).reshape(heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+
+def _dequantize_columns(rows: np.ndarray, qtype: gguf.GGMLQuantizationType, start: int, stop: int) -> np.ndarray:
+    """Columns [start, stop) of some rows of a GGUF tensor, as float32; only the blocks they touch are decoded."""
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    if rows.dtype != np.uint8:  # F32, F16: the reader gives elements, not bytes
+        block, block_bytes = 1, 1
+    first, last = start // block, -(-stop // block)
+    decoded = gguf.quants.dequantize(rows[:, first * block_bytes:last * block_bytes], qtype)
+    return decoded[:, start - first * block:stop - first * block]
+
+
+class _GGUFReader:
+    """A GGUF file's tensors under their HF names, in HF layout, read (slices of them) as float32.
+
+    Quantised blocks run along a row (one output unit of a Dense layer, one token of the embedding), so a slice of
+    rows decodes only those rows and a slice of columns only the blocks it touches.
+    """
+
+    def __init__(self, reader: gguf.GGUFReader, cfg: LlamaConfig):
+        self.path = Path(reader.data.filename)
+        by_name = {t.name: t for t in reader.tensors}
+        self.tensors, self.row_orders = {}, {}
+        specs = tensor_specs(cfg)
+        for spec in specs:
+            name = gguf_name(spec.hf_name)
+            if name not in by_name:
+                raise CheckpointError(f"{self.path}: GGUF file has no tensor {name!r} ({spec.hf_name})")
+            t = by_name[name]
+            shape = tuple(int(n) for n in reversed(t.shape))
+            if shape != spec.hf_shape:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape}, expected {spec.hf_shape} "
+                                      f"from the GGUF metadata")
+            try:  # decode the first row: the gguf package raises NotImplementedError for a type it cannot decode
+                gguf.quants.dequantize(np.atleast_2d(t.data)[:1], t.tensor_type)
+            except NotImplementedError:
+                raise UserError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which cannot be "
+                                f"dequantised (use one of {', '.join(GGUF_TESTED_TYPES)})") from None
+            self.tensors[spec.hf_name] = t
+        for i in range(cfg.num_hidden_layers):
+            self.row_orders[f"model.layers.{i}.self_attn.q_proj.weight"] = _gguf_row_order(
+                cfg.num_attention_heads, cfg.head_dim)
+            self.row_orders[f"model.layers.{i}.self_attn.k_proj.weight"] = _gguf_row_order(
+                cfg.num_key_value_heads, cfg.head_dim)
+        unexpected = sorted(set(by_name) - {gguf_name(s.hf_name) for s in specs} - {_GGUF_ROPE_FACTORS})
+        if unexpected:
+            shown = ", ".join(unexpected[:8]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
+            warnings.warn(f"{self.path}: ignoring unexpected tensors {shown}", stacklevel=3)
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        t = self.tensors[name]
+        vector = len(t.shape) == 1
+        data = t.data.reshape(1, -1) if vector else t.data
+        if index is None:
+            rows, columns = slice(None), slice(None)
+        else:
+            rows, columns = (slice(None), index[0]) if vector else index
+        order = self.row_orders.get(name)
+        data = data[rows] if order is None else data[order[rows]]
+        start, stop, _ = columns.indices(int(t.shape[0]))
+        x = _dequantize_columns(data, t.tensor_type, start, stop)
+        return x[0] if vector else x
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
+              scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None) -> tuple[LlamaConfig, dict]:
+    """Load a llama.cpp GGUF LLaMA (any tensor type the gguf package decodes) into (LlamaConfig, params).
+
+    Same arguments and result as `load_hf`: quantised weights are dequantised into `param_dtype` (default float32).
+    """
+    path = Path(path)
+    reader = _open_gguf(path)
+    cfg = config_from_gguf(reader, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    tensors = _GGUFReader(reader, cfg)
+    types = sorted({t.tensor_type.name for t in tensors.tensors.values()})
+    log.info("%s: GGUF LLaMA, %d layers, hidden %d, tensor types %s -> %s params", path, cfg.num_hidden_layers,
+             cfg.hidden_size, "/".join(types), cfg.param_dtype)
+    return cfg, _load_params(tensors, cfg, mesh, rules)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Either kind of checkpoint (what a model's `checkpoint` in a config may name)
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """"gguf" for an existing .gguf file, "hf" for a directory with config.json; else UserError (one line)."""
+    path = Path(path)
+    if is_gguf(path):
+        if not path.is_file():
+            raise UserError(f"{path}: no such GGUF file")
+        return "gguf"
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"checkpoint {path}: neither a .gguf file nor a directory with {CONFIG_FILE}")
+    return "hf"
+
+
+def checkpoint_config(path: str | os.PathLike, **kwargs) -> LlamaConfig:
+    """The checkpoint's LlamaConfig, from config.json or the GGUF metadata; reads no weights.
+    `kwargs` go to `config_from_hf` / `config_from_gguf` (dtype, param_dtype, scan_layers, field overrides)."""
+    path = Path(path)
+    if checkpoint_kind(path) == "gguf":
+        return config_from_gguf(_open_gguf(path), **kwargs)
+    config_file = path / CONFIG_FILE
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return config_from_hf(hf, **kwargs)
+
+
+def load_checkpoint(path: str | os.PathLike, **kwargs) -> tuple[LlamaConfig, dict]:
+    """`load_gguf` or `load_hf` (same keyword arguments), by what `path` is."""
+    load = load_gguf if checkpoint_kind(path) == "gguf" else load_hf
+    return load(path, **kwargs)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer: a HF directory's own files, or the one a GGUF file describes (transformers builds
+    it from the file's `tokenizer.ggml.*` metadata; a few seconds for a 50k-token vocabulary)."""
+    from transformers import AutoTokenizer
+    path = Path(path)
+    if checkpoint_kind(path) == "gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
