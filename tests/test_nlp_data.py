@@ -1,11 +1,15 @@
 """NLP task loaders: exact formatting, balancing, filtering, sizes, determinism and errors (offline fixtures)."""
 import collections
+import gzip
 import json
 
+import datasets
+import huggingface_hub
 import pandas as pd
 import pytest
 
 from w2s_jax.data import nlp
+from w2s_jax.errors import UserError
 
 
 class StubRng:
@@ -327,8 +331,65 @@ def test_unknown_task_lists_the_known_ones():
 
 def test_missing_file_names_the_key_and_the_path(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match=f"data_files: no file matches '{missing}'"):
+    with pytest.raises(FileNotFoundError, match=f"data_files: no file matches '{missing}'") as error:
         nlp.load_nlp_task(config("sciq", data_files=missing))
+    assert isinstance(error.value, UserError)
+
+
+SCIQ_LINE = json.dumps(SCIQ) + "\n"
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("rows.jsonl", SCIQ_LINE * 2 + '{"question": "Q?"\n' + SCIQ_LINE,
+     "{path}:3: not valid JSON (Expecting ',' delimiter at column 18); each line must be one JSON object"),
+    ("rows.jsonl", SCIQ_LINE + "\n" + '["a", "b"]\n', '{path}:3: a JSON list, not an object {{"column": value, ...}}'),
+    ("rows.json", '[\n  {"question": "Q?"},\n  {"question": "R?"\n]\n',
+     "{path}:4: not valid JSON (Expecting ',' delimiter at column 1)"),
+    ("rows.jsonl", "", "{path}: empty file; a data file needs rows with the task's columns"),
+])
+def test_a_bad_row_is_named_by_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as error:
+        nlp.load_nlp_task(config("sciq", data_files=str(path)))
+    assert str(error.value) == message.format(path=path)
+
+
+def test_a_bad_row_of_a_compressed_file_is_found_too(tmp_path):
+    path = tmp_path / "rows.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(SCIQ_LINE + "{oops}\n")
+    assert nlp.first_bad_json_row(str(path)) == (f"{path}:2: not valid JSON (Expecting property name enclosed in "
+                                                 "double quotes at column 2); each line must be one JSON object")
+    assert nlp.first_bad_json_row(write_jsonl(tmp_path / "fine.jsonl", sciq_rows(3))) is None
+
+
+def test_without_the_hub_the_error_says_how_to_give_local_files(monkeypatch):
+    """Offline mode (set here, restored after the test): datasets fails at once, and the line shows data_files."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", "/nonexistent/cache")
+    nlp.hub_unusable.cache_clear()
+    with pytest.raises(UserError) as error:
+        nlp.load_nlp_task(config("boolq"))
+    nlp.hub_unusable.cache_clear()
+    assert str(error.value) == (
+        "task 'boolq': offline mode is on (HF_HUB_OFFLINE) and google/boolq is not in the datasets cache; give local "
+        "files: --config.task.data_files=train=boolq_train.jsonl,test=boolq_test.jsonl (json, jsonl, csv or "
+        "parquet) with columns passage, question, answer; `python -m w2s_jax.data.nlp boolq` writes them from the "
+        "Hub (docs/CLI.md)")
+
+
+def test_write_task_files_keeps_the_task_columns_and_loads_back(tmp_path, monkeypatch):
+    hub = {"train": sciq_rows(10), "test": sciq_rows(6)}   # rows with an extra column, "support"
+    monkeypatch.setattr(nlp, "load_hub_split", lambda cfg, split, columns: datasets.Dataset.from_list(hub[split]))
+    paths = nlp.write_task_files("sciq", str(tmp_path))
+    assert paths == {"train": str(tmp_path / "sciq_train.jsonl"), "test": str(tmp_path / "sciq_test.jsonl")}
+    rows = [json.loads(line) for line in open(paths["train"])]
+    assert len(rows) == 10 and list(rows[0]) == list(nlp.TASKS["sciq"].columns)
+    out = nlp.load_nlp_task(config("sciq", data_files=f"train={paths['train']},test={paths['test']}", n_train=0,
+                                   n_test=0, balance=False))
+    assert (len(out["train"]), len(out["test"])) == (10, 6)
 
 
 def test_missing_column_names_the_file_the_column_and_the_columns_present(tmp_path):

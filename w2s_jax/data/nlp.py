@@ -24,28 +24,42 @@ Data sources (`data_files`, else `hf_path`/`hf_name` with `train_split`/`test_sp
   - `"train=PATH,test=PATH"`: local files for each split;
   - `"PATH"`: one local file (or glob); its rows are split once with the fixed seed `SPLIT_SEED` (not the run's
     seed, so the test pool never moves between runs): a `test_fraction` share is the test split.
-  Files are json, jsonl, csv or parquet (optionally .gz/.bz2/.xz/.zst compressed) with the dataset's own columns.
+  Files are json, jsonl, csv or parquet (optionally .gz/.bz2/.xz/.zst compressed) with the dataset's own columns
+  (`NlpTask.columns`). `python -m w2s_jax.data.nlp TASK [DIR]` writes a task's two splits as such files, from the
+  Hub, for a machine without it.
+
+Bad input (a missing file, a malformed row, an unreachable Hub) raises `UserError` naming the file and line or
+saying what to set instead.
 """
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import functools
 import glob
+import gzip
 import itertools
+import json
 import logging
+import lzma
 import math
 import os
 import random
+import sys
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import datasets
 import ml_collections
 import numpy as np
 
+from w2s_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SPLIT_SEED = 0
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # .zst: not in the standard library
 
 Formatter = Callable[[dict, random.Random], Optional[tuple[str, int]]]
 
@@ -302,7 +316,7 @@ TASKS: dict[str, NlpTask] = {
 
 def get_task(name: str) -> NlpTask:
     if name not in TASKS:
-        raise ValueError(f"unknown NLP task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise UserError(f"unknown NLP task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
 
@@ -332,7 +346,7 @@ def with_defaults(task_cfg, default_config: Callable[[str], ml_collections.Confi
     """The task's default config overridden by every key the caller set (a ConfigDict or a plain dict)."""
     given = task_cfg.to_dict() if hasattr(task_cfg, "to_dict") else dict(task_cfg)
     if "name" not in given:
-        raise ValueError("task config has no 'name'")
+        raise UserError("task config has no 'name'")
     merged = default_config(given["name"])
     for key, value in given.items():
         merged[key] = value
@@ -362,7 +376,7 @@ def parse_data_files(spec: str) -> Optional[dict[str, str]]:
     parts = dict(part.split("=", 1) for part in spec.split(",") if part.strip())
     parts = {key.strip(): value.strip() for key, value in parts.items()}
     if set(parts) != {"train", "test"}:
-        raise ValueError(f"data_files={spec!r}: expected 'PATH' or 'train=PATH,test=PATH', got keys {sorted(parts)}")
+        raise UserError(f"data_files={spec!r}: expected 'PATH' or 'train=PATH,test=PATH', got keys {sorted(parts)}")
     return parts
 
 
@@ -373,27 +387,91 @@ def _builder_for(path: str) -> str:
             stem = stem[: -len(suffix)]
     extension = os.path.splitext(stem)[1].lower()
     if extension not in _BUILDERS:
-        raise ValueError(f"data_files: {path!r} has an unsupported extension; use one of {sorted(_BUILDERS)}")
+        raise UserError(f"data_files: {path!r} has an unsupported extension; use one of {sorted(_BUILDERS)}")
     return _BUILDERS[extension]
+
+
+class MissingDataFile(UserError, FileNotFoundError):
+    """No file matches a data_files pattern (also a FileNotFoundError, which callers caught before)."""
 
 
 def load_files(pattern: str) -> tuple[datasets.Dataset, str]:
     """All rows of the files matching `pattern` (sorted paths, concatenated), read with `datasets` offline."""
     paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not paths:
-        raise FileNotFoundError(f"data_files: no file matches {pattern!r}")
+        raise MissingDataFile(f"data_files: no file matches {pattern!r} (relative paths start in {os.getcwd()}); "
+                              "give --config.task.data_files=PATH or train=PATH,test=PATH")
     builders = {_builder_for(path) for path in paths}
     if len(builders) != 1:
-        raise ValueError(f"data_files: {pattern!r} mixes file formats {sorted(builders)}")
-    rows = datasets.load_dataset(builders.pop(), data_files=paths, split="train")
+        raise UserError(f"data_files: {pattern!r} mixes file formats {sorted(builders)}")
+    builder = builders.pop()
+    for path in paths:
+        if os.path.getsize(path) == 0:  # datasets fails on these with a bare StopIteration
+            raise UserError(f"{path}: empty file; a data file needs rows with the task's columns")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # not its log of a bad row: our error names it
+    try:
+        rows = datasets.load_dataset(builder, data_files=paths, split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        raise UserError(unreadable(paths, builder, e)) from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return rows, ", ".join(paths)
+
+
+def unreadable(paths: list[str], builder: str, error: Exception) -> str:
+    """Why `datasets` could not read the files: the first bad row, found by reading them here, else its reason."""
+    for path in paths:
+        bad_row = first_bad_json_row(path) if builder == "json" else None
+        if bad_row:
+            return bad_row
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return f"data_files: cannot read {', '.join(paths)} as {builder}: {str(error).strip()}"
+
+
+def first_bad_json_row(path: str) -> Optional[str]:
+    """'PATH:LINE: why' for the first line of a JSON Lines file that is not a JSON object; for a file that is one
+    JSON document (datasets reads those too), where it stops parsing. None if neither is wrong (or .zst)."""
+    suffix = os.path.splitext(path)[1]
+    if suffix == ".zst":
+        return None
+    with _OPENERS.get(suffix, open)(path, "rb") as f:
+        first = True
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError
+                if first:  # not JSON Lines
+                    return _json_document_error(path)
+                # the column within the line, its end for an error after the last character
+                why = (f"{e.msg} at column {min(e.pos, len(line.rstrip())) + 1}" if isinstance(e, json.JSONDecodeError)
+                       else "not UTF-8")
+                return f"{path}:{number}: not valid JSON ({why}); each line must be one JSON object"
+            if not isinstance(row, dict):
+                return f"{path}:{number}: a JSON {type(row).__name__}, not an object {{\"column\": value, ...}}"
+            first = False
+    return None
+
+
+def _json_document_error(path: str) -> Optional[str]:
+    try:
+        with _OPENERS.get(os.path.splitext(path)[1], open)(path, "rb") as f:
+            json.load(f)
+    except json.JSONDecodeError as e:
+        return f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+    except ValueError:
+        return f"{path}: not UTF-8 text"
+    return None
 
 
 def check_columns(rows: datasets.Dataset, columns: Iterable[str], origin: str, task_name: str) -> None:
     for column in columns:
         if column not in rows.column_names:
-            raise ValueError(f"{origin}: column {column!r} needed by task {task_name!r} is missing; "
-                             f"columns present: {rows.column_names}")
+            raise UserError(f"{origin}: column {column!r} needed by task {task_name!r} is missing; "
+                            f"columns present: {rows.column_names}")
 
 
 def _whole(rows: datasets.Dataset, origin: str, split: str) -> SourceSplit:
@@ -403,7 +481,7 @@ def _whole(rows: datasets.Dataset, origin: str, split: str) -> SourceSplit:
 def _split_one_file(rows: datasets.Dataset, origin: str, test_fraction: float) -> dict[str, SourceSplit]:
     """A fixed-seed permutation of the file's rows; the first round(N * test_fraction) are the test split."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1) to split a single data file, got {test_fraction}")
+        raise UserError(f"test_fraction must be in (0, 1) to split a single data file, got {test_fraction}")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(rows))
     n_test = min(max(1, round(len(rows) * test_fraction)), len(rows) - 1)
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
@@ -416,12 +494,12 @@ def load_source_splits(cfg, columns: Iterable[str]) -> dict[str, SourceSplit]:
     files = parse_data_files(cfg.data_files)
     if files is None:
         if not cfg.hf_path:
-            raise ValueError(f"task {cfg.name!r}: set data_files (local files) or hf_path (a Hub dataset)")
-        name = cfg.hf_name or None
+            raise UserError(f"task {cfg.name!r}: set data_files (local files: {data_files_hint(cfg.name, columns)}) "
+                            "or hf_path (a Hub dataset)")
         splits = {}
         for role, split in (("train", cfg.train_split), ("test", cfg.test_split)):
-            origin = f"{cfg.hf_path}{'/' + name if name else ''}:{split}"
-            splits[role] = _whole(datasets.load_dataset(cfg.hf_path, name, split=split), origin, split)
+            origin = f"{hub_name(cfg)}:{split}"
+            splits[role] = _whole(load_hub_split(cfg, split, columns), origin, split)
     elif "all" in files:
         rows, origin = load_files(files["all"])
         splits = _split_one_file(rows, origin, cfg.test_fraction)
@@ -430,8 +508,51 @@ def load_source_splits(cfg, columns: Iterable[str]) -> dict[str, SourceSplit]:
     for split in splits.values():
         check_columns(split.rows, columns, split.origin, cfg.name)
         if len(split.rows) == 0:
-            raise ValueError(f"{split.origin}: no rows")
+            raise UserError(f"{split.origin}: no rows")
     return splits
+
+
+def hub_name(cfg) -> str:
+    return cfg.hf_path + (f"/{cfg.hf_name}" if cfg.hf_name else "")
+
+
+def data_files_hint(name: str, columns: Iterable[str]) -> str:
+    """How to give a task's data as local files instead of the Hub."""
+    writer = f"; `python -m w2s_jax.data.nlp {name}` writes them from the Hub (docs/CLI.md)" if name in TASKS else ""
+    return (f"--config.task.data_files=train={name}_train.jsonl,test={name}_test.jsonl (json, jsonl, csv or "
+            f"parquet) with columns {', '.join(columns)}{writer}")
+
+
+@functools.cache
+def hub_unusable() -> str:
+    """Why the Hugging Face Hub cannot be used ("" if it answers within 5 s). Checked once, so that a machine
+    without it fails in seconds instead of after minutes of the libraries' retries."""
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5.0)
+    except Exception:  # the HTTP library's connection and timeout errors: no answer
+        return f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached"
+    return ""
+
+
+def load_hub_split(cfg, split: str, columns: Iterable[str]) -> datasets.Dataset:
+    """One split from the Hub; without the Hub, from the datasets cache (offline mode), else a UserError that
+    says how to give local files."""
+    why = hub_unusable()
+    if why:
+        from huggingface_hub import constants
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True  # the cache only, no retries
+    try:
+        return datasets.load_dataset(cfg.hf_path, cfg.hf_name or None, split=split)
+    except ConnectionError as e:  # offline mode and not cached, or the Hub went away
+        raise UserError(f"task {cfg.name!r}: {why or 'the Hugging Face Hub cannot be reached'} and "
+                        f"{hub_name(cfg)} is not in the datasets cache; give local files: "
+                        f"{data_files_hint(cfg.name, columns)}") from e
+    except datasets.exceptions.DatasetNotFoundError as e:
+        raise UserError(f"task.hf_path={cfg.hf_path!r}: {e} Or give local files: "
+                        f"{data_files_hint(cfg.name, columns)}") from e
 
 
 def shuffled_rows(split: SourceSplit, seed: int) -> Iterator[tuple[int, dict]]:
@@ -486,7 +607,7 @@ def load_nlp_task(task_cfg) -> dict[str, list[dict]]:
     task = get_task(cfg.name)
     label_words = list(cfg.label_words)
     if len(label_words) != 2:
-        raise ValueError(f"task {cfg.name!r}: label_words must name 2 classes, got {label_words}")
+        raise UserError(f"task {cfg.name!r}: label_words must name 2 classes, got {label_words}")
     sources = load_source_splits(cfg, task.columns)
     result = {}
     for role, n in (("train", cfg.n_train), ("test", cfg.n_test)):
@@ -497,8 +618,8 @@ def load_nlp_task(task_cfg) -> dict[str, list[dict]]:
         else:
             kept = list(itertools.islice(rows, n) if n > 0 else rows)
         if not kept:
-            raise ValueError(f"task {cfg.name!r}: no {role} examples left from {split.origin} after formatting, "
-                             f"max_chars={cfg.max_chars} and balance={cfg.balance}")
+            raise UserError(f"task {cfg.name!r}: no {role} examples left from {split.origin} after formatting, "
+                            f"max_chars={cfg.max_chars} and balance={cfg.balance}")
         if n > 0 and len(kept) < n:
             log.warning("task %s: only %d %s examples (asked for %d) from %s", cfg.name, len(kept), role, n,
                         split.origin)
@@ -508,3 +629,27 @@ def load_nlp_task(task_cfg) -> dict[str, list[dict]]:
             for source_index, text, label in kept
         ]
     return result
+
+
+def write_task_files(name: str, directory: str = ".") -> dict[str, str]:
+    """A task's train and test splits from the Hub as DIR/NAME_train.jsonl and DIR/NAME_test.jsonl, with the
+    columns its formatter reads: local files for `--config.task.data_files` on a machine without the Hub."""
+    task, cfg = get_task(name), default_task_config(name)
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for role in ("train", "test"):
+        rows = load_hub_split(cfg, cfg[f"{role}_split"], task.columns).select_columns(list(task.columns))
+        paths[role] = os.path.join(directory, f"{name}_{role}.jsonl")
+        rows.to_json(paths[role], lines=True)
+    return paths
+
+
+if __name__ == "__main__":
+    # python -m w2s_jax.data.nlp TASK [DIR]
+    if len(sys.argv) not in (2, 3) or sys.argv[1] not in TASKS:
+        sys.exit(f"usage: python -m w2s_jax.data.nlp TASK [DIR]; tasks: {', '.join(sorted(TASKS))}")
+    try:
+        written = write_task_files(*sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"--config.task.data_files=train={written['train']},test={written['test']}")
