@@ -44,8 +44,8 @@ def define_flags() -> None:
                                     lock_config=True)
     flags.DEFINE_integer("devices", 8, "Number of (virtual CPU) devices of the mesh.")
     for axis in MESH_AXES:
-        flags.DEFINE_integer(f"mesh.{axis}", None, f"Size of the '{axis}' mesh axis (-1: the rest); default: the "
-                                                    "config's mesh.")
+        flags.DEFINE_integer(f"mesh.{axis}", None, f"Size of the '{axis}' mesh axis (-1: the rest, fitted to the "
+                                                    "batches as the pipeline does); default: the config's mesh.")
     flags.DEFINE_string("model", None, "Model preset (presets.py); default: <preset_family>-13b for the "
                                        "llama1/llama2 configs, else the config's largest preset.")
     flags.DEFINE_string("remat", None, "Remat policy: none, full, dots or dots_no_batch; default: the config's.")
@@ -133,6 +133,23 @@ def check_plan(plan: dict, batch_devices: int, batch_axes: str) -> list[str]:
                 f"{batch_devices} devices of the batch axes {batch_axes}: some devices compute on padding; prefer "
                 "fewer microbatches, a larger batch or a larger --mesh.tensor"]
     return []
+
+
+def fit_mesh(cfg, plan: dict) -> tuple[dict, list[str]]:
+    """The mesh the pipeline would build: a -1 batch axis fitted to the planned batch and the config's other
+    batches (`parallel.mesh_shape`), with a note when that moved devices to tensor."""
+    from w2s_jax import parallel
+    from w2s_jax import train as train_lib
+
+    batches = [parallel.Batch(plan["batch"], plan["microbatches"], "--batch", "--microbatches")]
+    batches += [b for b in train_lib.config_batches(cfg) if b.size_key != "train.batch_size"]
+    fitted = dict(zip(MESH_AXES, parallel.mesh_shape(plan["mesh"], plan["devices"], batches)))
+    filled = dict(zip(MESH_AXES, parallel.mesh_shape(plan["mesh"], plan["devices"])))
+    if fitted == filled:
+        return fitted, []
+    return fitted, [f"mesh {plan['mesh']} would be {' x '.join(map(str, filled.values()))}, more batch devices than "
+                    f"{min(batches, key=lambda b: b.rows).describe()} splits over; fitted to "
+                    f"{' x '.join(map(str, fitted.values()))} (data x fsdp x tensor), as the pipeline does"]
 
 
 def batch_axes(runtime) -> tuple[int, str]:
@@ -224,9 +241,9 @@ def measure(cfg, plan: dict) -> dict:
     if jax.device_count() != plan["devices"]:
         raise RuntimeError(f"jax sees {jax.device_count()} devices, not --devices={plan['devices']}: was jax "
                            "initialised before XLA_FLAGS was set?")
-    plan["mesh"] = dict(zip(MESH_AXES, parallel.mesh_shape(plan["mesh"], plan["devices"])))
+    plan["mesh"], fit_notes = fit_mesh(cfg, plan)
     runtime = train_lib.make_runtime(plan["mesh"], list(cfg.logical_rules) or None)
-    notes = check_plan(plan, *batch_axes(runtime))
+    notes = fit_notes + check_plan(plan, *batch_axes(runtime))
     lcfg = model_config(plan)
     tx, state, batch, sharding_notes = abstract_inputs(cfg, plan, lcfg, runtime)
     t0 = time.perf_counter()

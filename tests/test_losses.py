@@ -49,6 +49,17 @@ def test_weighted_xent_weights_and_all_zero_weights():
     np.testing.assert_array_equal(grad, np.zeros((2, 2)))
 
 
+def test_row_weights_zero_the_padding_rows_in_both_sums():
+    """A padding row (no real candidate) counts 0 in the numerator and the denominator, whatever its weight."""
+    mask = jnp.asarray([[True, True], [True, False], [False, False]])
+    np.testing.assert_array_equal(losses.row_weights(jnp.asarray([1.0, 2.0, 5.0]), mask), [1.0, 2.0, 0.0])
+    logits = jnp.concatenate([logits_for(P4[:2]), jnp.asarray([[3.0, -1.0]])])
+    targets = jnp.concatenate([jnp.asarray(T4[:2]), jnp.zeros((1, 2))])
+    ce = losses.per_example_xent(logits, targets, mask)
+    got = losses.weighted_xent(logits, targets, jnp.ones(3), mask)
+    assert float(got) == pytest.approx(float(ce[0] + ce[1]) / 2, rel=1e-6)  # / 2 real rows, not / 3
+
+
 @pytest.mark.parametrize(
     "schedule, step_frac, expected",
     [

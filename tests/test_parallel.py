@@ -1,5 +1,6 @@
 """Mesh, sharding rules and sharded loading on the 8 virtual CPU devices set up by conftest.py."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from w2s_jax import parallel
+from w2s_jax.errors import UserError
 from w2s_jax.models import convert
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -67,6 +69,67 @@ def test_make_mesh_sizes():
 def test_make_mesh_errors(sizes, message):
     with pytest.raises(ValueError, match=message):
         parallel.make_mesh(sizes)
+
+
+TRAIN = parallel.Batch(32, 4, "train.batch_size", "train.microbatches")  # the llama2 presets: 8 rows a microbatch
+EVAL = parallel.Batch(32, 1, "eval.batch_size")
+
+
+@pytest.mark.parametrize("sizes,devices,batches,shape", [
+    ({"data": 1, "fsdp": -1, "tensor": 1}, 64, [TRAIN, EVAL], (1, 8, 8)),  # llama2 on v5e-64
+    ({"fsdp": -1}, 16, [TRAIN, EVAL], (1, 8, 2)),  # v4-32
+    ({"fsdp": -1}, 8, [TRAIN, EVAL], (1, 8, 1)),  # 8 GPUs: unchanged
+    ({"fsdp": -1}, 64, [parallel.Batch(32)], (1, 32, 2)),
+    ({"fsdp": -1}, 8, [parallel.Batch(4)], (1, 4, 2)),
+    ({"fsdp": -1}, 7, [parallel.Batch(32)], (1, 1, 7)),  # a prime count that does not divide the batch
+    ({"fsdp": -1}, 13, [parallel.Batch(26)], (1, 13, 1)),  # ... and one that does
+    ({"data": 2, "fsdp": -1}, 16, [parallel.Batch(8)], (2, 4, 2)),
+    ({"fsdp": -1, "tensor": 2}, 64, [parallel.Batch(8)], (1, 8, 8)),  # the rest multiplies a given tensor size
+    ({"data": -1, "fsdp": 1}, 8, [parallel.Batch(2)], (2, 1, 4)),
+    ({"fsdp": 1, "tensor": -1}, 8, [parallel.Batch(4)], (1, 1, 8)),  # -1 on tensor: the batch axes are given
+    ({"fsdp": -1}, 64, [], (1, 64, 1)),  # no batches: as before
+])
+def test_minus_one_batch_axis_fits_every_batch_and_microbatch(sizes, devices, batches, shape):
+    """A -1 on data or fsdp takes the largest size that splits every (micro)batch; the rest goes to tensor."""
+    assert parallel.mesh_shape(sizes, devices, batches) == shape
+    data, fsdp, _ = shape
+    assert all(b.rows % (data * fsdp) == 0 for b in batches)
+
+
+@pytest.mark.parametrize("sizes,devices,batches,message", [
+    ({"data": 1, "fsdp": 64, "tensor": 1}, 64, [EVAL],
+     "eval.batch_size=32 is not a multiple of the 64 devices of the batch axes data x fsdp = 1 x 64, over which "
+     "every batch is split; use a larger batch or move devices to mesh.tensor"),
+    ({"data": 3, "fsdp": -1}, 6, [parallel.Batch(8, 1, "train.batch_size")],
+     "train.batch_size=8 is not a multiple of the 6 devices of the batch axes data x fsdp = 3 x 2, over which "
+     "every batch is split; use a larger batch or move devices to mesh.tensor"),
+    ({"fsdp": 1, "tensor": -1, "data": 5}, 10, [parallel.Batch(8, 1, "eval.batch_size")],
+     "eval.batch_size=8 is not a multiple of the 5 devices of the batch axes data x fsdp = 5 x 1"),
+    ({"fsdp": -1}, 8, [parallel.Batch(32, 3, "train.batch_size", "train.microbatches")],
+     "train.batch_size=32 is not a multiple of train.microbatches=3"),
+])
+def test_mesh_that_cannot_split_a_batch_is_a_one_line_error(sizes, devices, batches, message):
+    with pytest.raises(UserError) as e:
+        parallel.mesh_shape(sizes, devices, batches)
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_uneven_microbatch_on_a_given_mesh_is_a_warning(caplog):
+    """It runs (XLA reshards the microbatch), but some devices compute on padding: a warning, not an error."""
+    with caplog.at_level("WARNING", logger="w2s_jax.parallel"):
+        assert parallel.mesh_shape({"fsdp": 16}, 16, [TRAIN]) == (1, 16, 1)
+    assert "each microbatch has 8 rows (train.batch_size=32 / train.microbatches=4 = 8 rows)" in caplog.text
+
+
+def test_make_mesh_fits_batches_on_the_virtual_devices(caplog):
+    with caplog.at_level("INFO", logger="w2s_jax.parallel"):
+        mesh = parallel.make_mesh({"fsdp": -1}, batches=[parallel.Batch(4, 1, "eval.batch_size")])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert "fsdp=-1 would split each batch 8 ways, more than eval.batch_size=4 allows; using data=1 x fsdp=4 x " \
+           "tensor=2" in caplog.text
+    rows = jax.device_put(np.arange(4.0), parallel.batch_sharding(mesh))  # a batch of 4 now splits
+    assert rows.sharding.shard_shape(rows.shape) == (1,)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,8 +261,83 @@ def test_distributed_settings_from_config_and_environment():
     assert (s["mode"], s["process_id"]) == ("explicit", 3)  # the config wins over the environment
     with pytest.raises(ValueError, match=r"W2S_NUM_PROCESSES.*'four'"):
         parallel.distributed_settings(None, environ={"W2S_NUM_PROCESSES": "four"})
-    with pytest.raises(ValueError, match="distributed mode 'sometimes'"):
+    with pytest.raises(UserError, match="distributed.mode='sometimes'"):
         parallel.distributed_settings({"mode": "sometimes"}, environ={})
+
+
+@pytest.mark.parametrize("environ,found", [
+    ({}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3"}, "TPU_WORKER_HOSTNAMES lists 4 hosts"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # a single-host TPU VM
+    ({"MEGASCALE_NUM_SLICES": "2"}, "MEGASCALE_NUM_SLICES=2"),
+    ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS=4"),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "8"}, "OMPI_COMM_WORLD_SIZE=8"),
+])
+def test_detect_cluster_from_the_environment(environ, found):
+    assert parallel.detect_cluster(environ) == found
+
+
+def test_jax_cluster_detection_counts_and_mode_off_refuses_it(monkeypatch):
+    """The real environment also goes through JAX's own detection: here a 2-task Slurm step."""
+    slurm = {"SLURM_JOB_ID": "123", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert parallel._jax_detected_cluster() == "JAX detects a SlurmCluster of 2 processes"
+    monkeypatch.setattr(parallel, "_single_process_decided", False)
+    with pytest.raises(UserError, match=r"mode='off' but this process is one of a multi-process launch "
+                                        r"\(SLURM_NTASKS=2\)"):
+        parallel.init_distributed({"mode": "off"})
+    assert not jax.distributed.is_initialized()
+
+
+def plan(cfg, cluster=None, environ=None):
+    return parallel.distributed_plan(parallel.distributed_settings(cfg, environ=environ or {}), cluster)
+
+
+GIVEN = {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
+
+
+def test_given_settings_mean_a_multi_process_run():
+    assert plan(GIVEN) == GIVEN  # mode unset: auto
+    assert plan({"mode": "explicit", **GIVEN}) == GIVEN
+    assert plan({}, environ={"W2S_COORDINATOR": "h:1", "W2S_NUM_PROCESSES": "2", "W2S_PROCESS_ID": "0"}) == {
+        "coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+    assert plan({}, cluster="SLURM_NTASKS=4") == {}  # JAX's cluster detection fills in everything
+    assert plan({"num_processes": 4}, cluster="SLURM_NTASKS=4") == {"num_processes": 4}
+    assert plan({}) is None  # nothing given, no launch seen: one process
+    assert plan({"mode": "off"}) is None
+    assert plan({"mode": "off", "num_processes": 1}, cluster="SLURM_NTASKS=4") is None  # this process alone
+    assert plan({"num_processes": 1}) is None
+
+
+@pytest.mark.parametrize("cfg,cluster,message", [
+    ({"mode": "off", "coordinator_address": "127.0.0.1:1234"}, None,
+     "distributed.mode='off' but coordinator_address='127.0.0.1:1234' (W2S_COORDINATOR) given, which make a "
+     "multi-process run: set distributed.mode=auto for one, or unset them for a single process"),
+    ({"mode": "off"}, "TPU_WORKER_HOSTNAMES lists 4 hosts",
+     "distributed.mode='off' but this process is one of a multi-process launch (TPU_WORKER_HOSTNAMES lists 4 "
+     "hosts): every process would train alone and write the same workdir. Set distributed.mode=auto"),
+    ({"num_processes": 2}, None,
+     "num_processes=2 (W2S_NUM_PROCESSES) given, so this is a multi-process run, but it lacks coordinator_address "
+     "(W2S_COORDINATOR), process_id (W2S_PROCESS_ID)"),
+    ({**GIVEN, "process_id": 2}, None,
+     "distributed.process_id=2 is not below num_processes=2: the processes are numbered 0 .. 1"),
+    ({"num_processes": 0}, None, "distributed.num_processes=0 (W2S_NUM_PROCESSES): must be at least 1"),
+    ({"mode": "explicit", "num_processes": 2}, "SLURM_NTASKS=2",
+     "distributed mode 'explicit' needs coordinator_address (W2S_COORDINATOR), process_id (W2S_PROCESS_ID)"),
+])
+def test_contradicting_settings_are_one_user_error(cfg, cluster, message):
+    with pytest.raises(UserError) as e:
+        plan(cfg, cluster)
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_mode_off_with_w2s_environment_variables_is_an_error():
+    with pytest.raises(UserError, match=r"mode='off' but coordinator_address='h:1' \(W2S_COORDINATOR\)"):
+        plan({"mode": "off"}, environ={"W2S_COORDINATOR": "h:1"})
 
 
 def test_init_distributed_single_process_is_a_noop(monkeypatch):
@@ -249,3 +387,44 @@ def test_init_distributed_two_local_processes(tmp_path):
         assert p.returncode == 0, err[-2000:]
         outputs.append(out.strip().splitlines()[-1])
     assert outputs == ["2 4 6.0", "2 4 6.0"]  # rows [1, 1, 2, 2] summed across both processes
+
+
+PEER_LOSS_SCRIPT = """
+import os, signal, sys, time
+import numpy as np
+from w2s_jax import parallel
+pid = int(sys.argv[1])
+# No mode: the given settings alone make the run multi-process.
+parallel.init_distributed({"coordinator_address": sys.argv[2], "num_processes": 2, "process_id": pid})
+from jax.experimental import multihost_utils
+for step in range(100):
+    if pid == 1 and step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # a host lost mid-run
+    multihost_utils.process_allgather(np.array([step]))
+    time.sleep(0.05)
+open(sys.argv[3] + str(pid), "w").write("results")  # what a partial world must never reach
+"""
+
+
+def test_losing_a_peer_stops_the_survivor_at_once_without_results(tmp_path):
+    """The survivor's next collective fails; it exits 1 with a message at once, not after JAX's heartbeat timeout
+    (100 s) in the shutdown barrier, and never reaches the code after its last collective."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    script = tmp_path / "peer_loss.py"
+    script.write_text(PEER_LOSS_SCRIPT)
+    results = tmp_path / "results"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid), address, str(results)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in (0, 1)]
+    try:
+        _, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].wait() == -signal.SIGKILL
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "Connection closed by peer" in err
+    assert "error: process 0 of 2 stopped on the error above, without waiting for the others." in err
+    assert not any(tmp_path.glob("results*"))

@@ -20,7 +20,7 @@ from w2s_jax.models import heads
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 WORDS = [f"w{i}" for i in range(20)]
-CFG = LlamaConfig(vocab_size=23, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+CFG = LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8)
 TCFG = ml_collections.ConfigDict(dict(schedule="cosine", optimizer="adam", warmup_steps=0))
 
@@ -82,14 +82,16 @@ def test_candidate_logits_match_separate_forward_passes(tokenizer, scoring):
             np.testing.assert_allclose(logits[r, c], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_name", ["xent", "logconf", "product"])
-def test_microbatches_equal_full_batch(tokenizer, loss_name):
-    """The loss sees the full batch even when memory forces microbatches: the update is the same."""
+@pytest.mark.parametrize("loss_name,n_real", [("xent", 32), ("logconf", 32), ("product", 32), ("xent", 26),
+                                              ("logconf", 26)])
+def test_microbatches_equal_full_batch(tokenizer, loss_name, n_real):
+    """The loss sees the full batch even when memory forces microbatches: the update is the same, also for a
+    ragged batch (26 real rows of 32: the last microbatch holds 2 real rows and 6 of padding)."""
     scoring = "classify"
-    exs = make_examples(32, scoring)
+    exs = make_examples(n_real, scoring)
     enc, _ = batching.encode_examples(exs, tokenizer, scoring, 64)
-    targets = np.random.default_rng(1).dirichlet([1, 1], size=32).astype(np.float32)  # soft weak labels
-    batch = batching.collate(enc, scoring, targets)
+    targets = np.random.default_rng(1).dirichlet([1, 1], size=n_real).astype(np.float32)  # soft weak labels
+    batch = batching.collate(enc, scoring, targets, batch_size=32)
     rt = T.make_runtime({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     params, head = init_params(scoring)
     tx = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify rounding in tiny gradients)
@@ -101,9 +103,57 @@ def test_microbatches_equal_full_batch(tokenizer, loss_name):
         state = state.replace(step=state.step + 3)  # step_frac > 0 so logconf's aux term is active
         step = T.jit_step(T.make_choice_step(CFG, scoring, loss, tx, 10, micro), shard, rt)
         new_state, m = step(state, rt.put_batch(batch))
-        out[micro] = (jax.device_get(new_state.params), float(m["loss"]))
+        out[micro] = (jax.device_get(new_state.params), float(m["loss"]), float(m["train_accuracy"]))
     assert out[1][1] == pytest.approx(out[4][1], rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out[1][0], out[4][0])
+    logits = np.asarray(heads.candidate_logits(CFG, params, batch, scoring))[:n_real]
+    want_acc = np.mean(logits.argmax(-1) == targets.argmax(-1))  # the real rows only
+    assert out[1][2] == out[4][2] == pytest.approx(want_acc)
+    if loss_name == "xent":  # by hand: the mean over the real rows of -sum_k t_k log softmax(logits)_k
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        assert out[4][1] == pytest.approx(float(np.mean(-(targets * logp).sum(-1))), rel=1e-5)
+
+
+def ragged_linear_batch(seed=0):
+    """8 rows of a linear scorer, 5 real (row 1 with 2 of its 3 candidates) then 3 rows of padding."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(8, 4)).astype(np.float32)  # padding rows have inputs too: they must not count
+    mask = np.zeros((8, 3), bool)
+    mask[:5] = True
+    mask[1, 2] = False
+    targets = np.where(mask, rng.dirichlet([1, 1, 1], size=8), 0.0)
+    targets = (targets / np.maximum(targets.sum(-1, keepdims=True), 1e-9)).astype(np.float32)
+    return {"x": x, "cand_mask": mask, "targets": targets}, {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+
+
+def linear_score(params, batch):
+    return jnp.where(batch["cand_mask"], batch["x"] @ params["w"], losses.MASKED_LOGIT)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2, 4])
+def test_microbatched_loss_of_a_ragged_batch_matches_hand_values(microbatches):
+    """Padding rows weigh 0 in the microbatched sums too: with 2 rows a microbatch, the third one is half padding
+    and the last all padding, and loss and gradient still equal the mean over the 5 real rows."""
+    batch, params = ragged_linear_batch()
+    value, grads, _ = jax.jit(lambda p: T.choice_loss_and_grads(linear_score, p, batch, losses.get("xent"), 0.0,
+                                                                microbatches))(params)
+    real, mask, t = slice(0, 5), batch["cand_mask"][:5], batch["targets"][:5]
+    z = np.where(mask, batch["x"][real] @ params["w"], -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ce = -(t * np.log(np.where(mask, p, 1.0))).sum(-1)
+    assert float(value) == pytest.approx(ce.mean(), rel=1e-5)
+    # d CE_i / d logits_i = p_i - t_i (each row's targets sum to 1), so dW = X^T (P - T) / 5
+    np.testing.assert_allclose(grads["w"], batch["x"][real].T @ (p - t) / 5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_name", ["logconf", "window", "product"])
+def test_microbatches_equal_full_batch_on_a_ragged_batch_for_every_loss(loss_name):
+    batch, params = ragged_linear_batch(seed=1)
+    out = {m: jax.jit(lambda p: T.choice_loss_and_grads(linear_score, p, batch, losses.get(loss_name), 0.5, m)[:2])(
+        params) for m in (1, 4)}
+    assert float(out[1][0]) == pytest.approx(float(out[4][0]), rel=1e-5)
+    np.testing.assert_allclose(out[1][1]["w"], out[4][1]["w"], rtol=1e-5, atol=1e-7)
 
 
 def _train(tokenizer, scoring, workdir, mesh_cfg, devices, steps=None, stop_at=None, seed=0, epochs=4):
@@ -223,3 +273,22 @@ def test_checkpoint_restores_onto_another_mesh(tokenizer, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
     q = restored.params["lm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert len(q.sharding.device_set) == 4 and q.addressable_shards[0].data.shape == (16, 16)
+
+
+def test_config_batches_and_the_default_mesh_of_the_llama2_preset():
+    """Every batch of a run reaches the mesh: llama2's train microbatches of 8 rows on 64 devices give 1 x 8 x 8;
+    on the 8 test devices, an eval batch of 4 moves half of them to tensor."""
+    from configs import chess
+    cfg = chess.get_config("llama2")
+    batches = T.config_batches(cfg)
+    assert [b.describe() for b in batches] == ["train.batch_size=32 / train.microbatches=4 = 8 rows",
+                                               "eval.batch_size=32"]
+    from w2s_jax import parallel
+    assert parallel.mesh_shape(cfg.mesh.to_dict(), 64, batches) == (1, 8, 8)
+    cfg.eval.batch_size = 4
+    rt = T.make_runtime(cfg.mesh.to_dict(), batches=T.config_batches(cfg))
+    assert dict(rt.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    smoke = chess.get_config("smoke")  # pretrained ladder models; "genft" adds generative finetuning's batches
+    smoke.experiment.methods = "probe,genft"
+    assert [b.size_key for b in T.config_batches(smoke)] == ["train.batch_size", "eval.batch_size",
+                                                              "pretrain.batch_size", "genft.batch_size"]

@@ -68,12 +68,20 @@ def per_example_xent(logits: jax.Array, targets: jax.Array, mask: jax.Array | No
     return -jnp.sum(jnp.where(mask, targets.astype(jnp.float32) * logp, 0.0), axis=-1)
 
 
+def row_weights(weights: jax.Array, mask: jax.Array) -> jax.Array:
+    """The weight each row counts with: its own, or 0 for a row without a real candidate (batch padding).
+
+    Both sums of `weighted_xent` use it, and so must a microbatched loss, or padding rows dilute the batch.
+    """
+    return weights.astype(jnp.float32) * jnp.any(mask, axis=-1)
+
+
 def weighted_xent(
     logits: jax.Array, targets: jax.Array, weights: jax.Array, mask: jax.Array | None = None
 ) -> jax.Array:
     """sum_i w_i CE_i / sum_i w_i; 0 when every weight is 0. Rows without a real candidate get weight 0."""
     mask = _full_mask(logits, mask)
-    weights = weights.astype(jnp.float32) * jnp.any(mask, axis=-1)
+    weights = row_weights(weights, mask)
     total = jnp.sum(weights)
     weighted = jnp.sum(weights * per_example_xent(logits, targets, mask))
     return jnp.where(total > 0, weighted / jnp.where(total > 0, total, 1.0), 0.0)

@@ -91,8 +91,26 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def make_runtime(mesh_cfg=None, rules=None, devices=None) -> Runtime:
-    return Runtime(parallel.make_mesh(mesh_cfg, devices), parallel.resolve_rules(rules))
+def make_runtime(mesh_cfg=None, rules=None, devices=None, batches=()) -> Runtime:
+    """The runtime for a mesh config; `batches` (see `config_batches`) fit a -1 batch axis to the run's batches."""
+    rules = parallel.resolve_rules(rules)
+    return Runtime(parallel.make_mesh(mesh_cfg, devices, batches, parallel.batch_axes(rules)), rules)
+
+
+def config_batches(cfg) -> list[parallel.Batch]:
+    """Every batch a run of the experiment config splits over the mesh: training, evaluation (also feature
+    extraction and generation), and pretraining or generative finetuning where they run."""
+    def batch(section):
+        c = cfg[section]
+        return parallel.Batch(int(c.batch_size), int(c.get("microbatches", 1) or 1), f"{section}.batch_size",
+                              f"{section}.microbatches")
+
+    out = [batch("train"), batch("eval")]
+    if any(m.get("source") == "pretrain" for m in cfg.models.values()):
+        out.append(batch("pretrain"))
+    if "genft" in [m.strip() for m in cfg.experiment.get("methods", "").split(",")]:
+        out.append(batch("genft"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -161,44 +179,58 @@ def _split_micro(batch, n: int):
 
 
 # ------------------------------------------------------------------------------------------------ step functions
-def make_choice_step(cfg: LlamaConfig, scoring: str, loss: losses_lib.Loss, tx, total_steps: int,
-                     microbatches: int = 1):
-    """Train step for candidate scoring with a (possibly self-referential) loss over the FULL batch.
+def accumulate_grads(loss_fn, params, parts):
+    """(values [n], summed gradients) of `loss_fn(params, part)` over the leading axis of `parts`, one part at a
+    time (lax.scan), so that only one microbatch's activations are alive."""
+    def body(g_sum, part):
+        v, g = jax.value_and_grad(loss_fn)(params, part)
+        return jax.tree.map(jnp.add, g_sum, g), v
+    grads, values = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), parts)
+    return values, grads
+
+
+def choice_loss_and_grads(score: Callable, params, batch, loss: losses_lib.Loss, step_frac, microbatches: int = 1):
+    """(loss, gradients, logits) of `loss` over the FULL batch, where `score(params, batch) -> [B, K] logits`.
 
     Every loss here is cross-entropy against stop-gradient targets built from the whole batch (see losses.py), so
-    with microbatches the step first computes all logits (no gradient), builds the targets once from the full batch,
-    then accumulates the gradients of each microbatch's share of the same weighted loss.
+    with microbatches all logits come first (no gradient), the targets and row weights are built once from them,
+    and each microbatch adds its rows' share, sum_i w_i CE_i / sum_batch w_i. Padding rows weigh 0 in both sums,
+    as in `weighted_xent`, so a ragged batch gives the same numbers as without microbatches.
     """
+    mask = batch["cand_mask"]
+    if microbatches == 1:
+        def loss_fn(p):
+            logits = score(p, batch)
+            tgt, w = loss.make_targets(jax.lax.stop_gradient(logits), batch["targets"], step_frac, mask)
+            return losses_lib.weighted_xent(logits, tgt, w, mask), logits
+        (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return value, grads, logits
+    logits = jax.lax.map(lambda b: score(params, b), _split_micro(batch, microbatches)).reshape(mask.shape)
+    tgt, w = loss.make_targets(logits, batch["targets"], step_frac, mask)
+    tgt, w = jax.lax.stop_gradient((tgt, losses_lib.row_weights(w, mask)))
+    total = jnp.sum(w)
+    total = jnp.where(total > 0, total, 1.0)  # all weights 0: loss and gradient 0, as weighted_xent
+
+    def part_loss(p, part):
+        ce = losses_lib.per_example_xent(score(p, part["b"]), part["t"], part["b"]["cand_mask"])
+        return jnp.sum(part["w"] * ce) / total
+
+    values, grads = accumulate_grads(part_loss, params, _split_micro({"b": batch, "t": tgt, "w": w}, microbatches))
+    return values.sum(), grads, logits
+
+
+def make_choice_step(cfg: LlamaConfig, scoring: str, loss: losses_lib.Loss, tx, total_steps: int,
+                     microbatches: int = 1):
+    """Train step for candidate scoring with a (possibly self-referential) loss over the full batch (see
+    `choice_loss_and_grads`); train_accuracy counts the real rows only."""
 
     def step_fn(state: TrainState, batch):
         step_frac = state.step.astype(jnp.float32) / total_steps
-        mask = batch["cand_mask"]
         score = lambda p, b: heads.candidate_logits(cfg, p, b, scoring)
-        if microbatches == 1:
-            def loss_fn(p):
-                logits = score(p, batch)
-                tgt, w = loss.make_targets(jax.lax.stop_gradient(logits), batch["targets"], step_frac, mask)
-                return losses_lib.weighted_xent(logits, tgt, w, mask), logits
-            (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        else:
-            micro = _split_micro(batch, microbatches)
-            logits = jax.lax.map(lambda b: score(state.params, b), micro).reshape(mask.shape)
-            tgt, w = loss.make_targets(logits, batch["targets"], step_frac, mask)
-            tgt, w = jax.lax.stop_gradient((tgt, w))
-            denom = jnp.maximum(w.sum(), 1e-12)
-            parts = _split_micro({"b": batch, "t": tgt, "w": w}, microbatches)
-
-            def accumulate(g_sum, part):
-                def mb_loss(p):
-                    l = losses_lib.weighted_xent(score(p, part["b"]), part["t"], part["w"], part["b"]["cand_mask"])
-                    return l * part["w"].sum() / denom
-                v, g = jax.value_and_grad(mb_loss)(state.params)
-                return jax.tree.map(jnp.add, g_sum, g), v
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, values = jax.lax.scan(accumulate, zeros, parts)
-            value = values.sum()
-        acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1))
+        value, grads, logits = choice_loss_and_grads(score, state.params, batch, loss, step_frac, microbatches)
+        real = jnp.any(batch["cand_mask"], axis=-1)
+        correct = (jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1)) & real
+        acc = jnp.sum(correct) / jnp.maximum(jnp.sum(real), 1)
         metrics = {"loss": value, "train_accuracy": acc, "grad_norm": optax.tree.norm(grads)}
         return _apply_grads(state, tx, grads), metrics
 
@@ -206,18 +238,15 @@ def make_choice_step(cfg: LlamaConfig, scoring: str, loss: losses_lib.Loss, tx, 
 
 
 def make_lm_step(cfg: LlamaConfig, tx, microbatches: int = 1):
-    """Next-token training step on [B, L+1] token blocks; params are {'lm': ...}. Microbatches average gradients."""
+    """Next-token training step on [B, L+1] token blocks; params are {'lm': ...}. Microbatches average gradients
+    (every block is full, so each microbatch's mean weighs the same)."""
 
     def step_fn(state: TrainState, batch):
         loss_fn = lambda p, blocks: heads.lm_loss(cfg, p["lm"], blocks)
         if microbatches == 1:
             value, grads = jax.value_and_grad(loss_fn)(state.params, batch["blocks"])
         else:
-            def accumulate(g_sum, blocks):
-                v, g = jax.value_and_grad(loss_fn)(state.params, blocks)
-                return jax.tree.map(jnp.add, g_sum, g), v
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, values = jax.lax.scan(accumulate, zeros, _split_micro(batch["blocks"], microbatches))
+            values, grads = accumulate_grads(loss_fn, state.params, _split_micro(batch["blocks"], microbatches))
             grads = jax.tree.map(lambda g: g / microbatches, grads)
             value = values.mean()
         return _apply_grads(state, tx, grads), {"loss": value, "grad_norm": optax.tree.norm(grads)}
