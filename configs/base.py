@@ -6,21 +6,28 @@ Lists are comma-separated strings so that they can be set from the command line:
 import ml_collections
 
 
-def model(source="pretrain", preset="", checkpoint="", lr=0.0, pretrain_steps=0):
-    """One model of the ladder: pretrained here from a preset, or loaded from a Hugging Face checkpoint."""
-    return ml_collections.ConfigDict(dict(source=source, preset=preset, checkpoint=checkpoint, lr=lr,
-                                          pretrain_steps=pretrain_steps))
+def model(source="pretrain", preset="", checkpoint="", lr=0.0, pretrain_steps=0, layers=0, probe_layer=None):
+    """One model of the ladder: pretrained here from a preset, or loaded from a checkpoint (`source='hf'`): a Hugging
+    Face LLaMA directory, a .gguf file, or a shipped asset such as 'asset:smollm2' (fetched when first needed).
+
+    layers: keep only the first `layers` decoder layers (0: all): an early exit of a real model as a weaker model.
+    probe_layer: the hidden state its linear probes read (None: `probe.layer`).
+    """
+    return ml_collections.ConfigDict(dict(
+        source=source, preset=preset, checkpoint=checkpoint, lr=lr, pretrain_steps=pretrain_steps, layers=layers,
+        probe_layer=ml_collections.config_dict.placeholder(int) if probe_layer is None else probe_layer))
 
 
 def get_base_config():
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # the models pretrained here: initialisation and data order (experiment.seeds: the runs)
     c.workdir = ""  # --workdir wins; empty -> runs/<task>_<preset>
 
     c.task = ml_collections.ConfigDict()  # filled by the task config (kind, name, scoring, max_len, ...)
 
     # The model ladder, smallest first. Order matters for plots and for which models are "weak".
     c.models = ml_collections.ConfigDict()
+    # Every model's compute and parameter dtypes, nn.scan over layers, remat ("none", "full", "dots", "dots_no_batch").
     c.model_defaults = ml_collections.ConfigDict(dict(
         dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none"))
 
@@ -35,6 +42,9 @@ def get_base_config():
 
     # Finetuning on labels (ground truth or weak); defaults from the openai reference.
     c.train = ml_collections.ConfigDict(dict(
+        # "finetune": every run finetunes the model with a head; "probe": every run (ground truth and students) is a
+        # linear probe on the model's frozen features at its probe layer (the paper's cheapest setting).
+        method="finetune",
         batch_size=32, microbatches=1, epochs=2.0, lr=5e-5, schedule="cosine", warmup_steps=0,
         optimizer="adam", weight_decay=0.0, grad_clip=0.0, head_init="zero",
         early_stopping="none",  # "none" | "weak_labels" (realistic) | "ground_truth_oracle" (the paper's oracle)
@@ -47,6 +57,15 @@ def get_base_config():
     c.eval = ml_collections.ConfigDict(dict(batch_size=64, mode="rank", max_new_tokens=8))
 
     c.experiment = ml_collections.ConfigDict(dict(
+        # Seeds of the experiment: each splits the training data, orders it and initialises the heads anew (the
+        # pretrained models and the test set stay); the report gives each seed and the mean with a 95% interval.
+        seeds="0",
+        # Examples a direct pair's student trains on: "all" of half B, or "chain_step": as many as one step of the
+        # longest chain (the slice its last step uses), so chains and direct pairs compare on equal data.
+        pair_examples="all",
+        # Controls beside every (supervisor, student) pair: "random_flips" trains the student on ground truth of
+        # half B with random labels flipped at the supervisor's error rate there (is the gain more than denoising?).
+        controls="",
         ground_truth="",  # models trained on ground truth (empty: all); supervisors and students are added
         pairs="",  # "weak->strong,..."
         losses="xent,logconf",
@@ -59,12 +78,14 @@ def get_base_config():
         # labelled by the supervisor).
         methods="",
     ))
+    # Linear probes on frozen features (layer -1: the last hidden state), early-stopped on a val_frac split.
     c.probe = ml_collections.ConfigDict(dict(
         layer=-1, l2=1e-3, lr=1e-2, epochs=50, batch_size=256, patience=5, val_frac=0.1))
+    # Generative finetuning (experiment.methods=genft): next-token prediction on the task's texts.
     c.genft = ml_collections.ConfigDict(dict(
         steps=100, batch_size=16, seq_len=256, lr=1e-4, warmup_steps=10, schedule="cosine", optimizer="adamw",
         weight_decay=0.0, grad_clip=1.0, microbatches=1))
-    c.few_shot = ml_collections.ConfigDict(dict(k=4))
+    c.few_shot = ml_collections.ConfigDict(dict(k=4))  # examples in the prompt of experiment.methods=few_shot
 
     # Keyword arguments of each loss (w2s_jax.losses.get).
     c.losses = ml_collections.ConfigDict(dict(
@@ -74,11 +95,15 @@ def get_base_config():
         entropy=dict(aux_coef=0.5, warmup_frac=0.2, schedule="linear"),
     ))
 
+    # Device mesh sizes; one may be -1: the rest of the devices (docs/SCALING.md).
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.logical_rules = ()  # empty: w2s_jax.parallel.DEFAULT_RULES
     c.distributed = ml_collections.ConfigDict(dict(
-        # "off", "auto" (TPU / Slurm detection) or "explicit"; -1 / "" = unset (then W2S_* environment variables)
-        mode="off", coordinator_address="", num_processes=-1, process_id=-1))
+        # "auto": several processes when coordinator_address / num_processes / process_id are given (here or as W2S_*
+        # environment variables) or the environment shows a launch (TPU pod, Slurm, MPI), else one; "explicit": all
+        # three required; "off": one process, and an error if the settings or the environment say otherwise.
+        # -1 / "" = unset.
+        mode="auto", coordinator_address="", num_processes=-1, process_id=-1))
     # glibc malloc for host buffers (w2s_jax.host_memory): "retain" keeps freed memory in the process, so CPU train
     # steps do not page-fault their large buffers in every step; "default" leaves glibc as it is.
     c.host_malloc = "default"

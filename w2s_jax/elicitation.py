@@ -21,11 +21,12 @@ def _accepts(exp):
 
 
 def model_features(exp, model: str, split: str, examples: list[dict], enc: list[dict]) -> np.ndarray:
-    """Frozen features of a (pretrained, not finetuned) model at `probe.layer`, cached under a name holding the
-    digests of the weights and of the examples, so a changed input never reuses stale features."""
-    layer = exp.cfg.probe.layer
+    """Frozen features of a (pretrained, not finetuned) model at its probe layer, cached in the workdir (shared by
+    the seeds) under a name holding the digests of the weights and of the examples, so a changed input never
+    reuses stale features."""
+    layer = exp.feature_layer(model)
     key = f"{exp.model_digest(model)[:8]}_{exp.examples_digest(examples)[:8]}"
-    path = exp.path("features", f"{model}_layer{layer}_{split}_{key}.npy")
+    path = os.path.join(exp.root, "features", f"{model}_layer{layer}_{split}_{key}.npy")
 
     def compute():
         lcfg, lm = exp.load_model(model)
@@ -41,14 +42,6 @@ def _fit_probe(exp, feats, targets):
                               batch_size=p.batch_size, seed=exp.seed, val=val, patience=p.patience)
 
 
-def _stack(targets):
-    k = max(len(t) for t in targets)
-    out = np.zeros((len(targets), k), np.float32)
-    for i, t in enumerate(targets):
-        out[i, :len(t)] = t
-    return out
-
-
 def probe_run(exp, name, train_feats, targets, test_feats, inputs: dict) -> dict:
     """Train a logistic-regression probe on (features, soft targets); predict the test set. `inputs` are the
     digests of what the features came from (they join the stage's fingerprint)."""
@@ -58,7 +51,8 @@ def probe_run(exp, name, train_feats, targets, test_feats, inputs: dict) -> dict
             "targets": fingerprint.digest([np.round(t, 7).tolist() for t in targets])}
 
     def compute():
-        params = _fit_probe(exp, train_feats, _stack(targets))
+        from w2s_jax.pipeline import stack_targets
+        params = _fit_probe(exp, train_feats, stack_targets(targets))
         preds = [int(p) for p in probe.probe_predict(params, test_feats)]
         return {"run": name, "early_stopping": "none", **exp.score_test(name, preds)}
     return exp.cached(name, spec, compute, outputs=(exp.path("predictions", f"{name}.jsonl"),))
@@ -67,17 +61,16 @@ def probe_run(exp, name, train_feats, targets, test_feats, inputs: dict) -> dict
 def ground_truth_probe(exp, model: str) -> dict:
     """The probe's own ceiling: a probe on the model's frozen features trained on half A's ground truth."""
     from w2s_jax.pipeline import one_hot_targets
-    return probe_run(exp, f"gt_probe_{model}", model_features(exp, model, "A", exp.half_a, exp.enc["A"]),
-                     one_hot_targets(exp.half_a), model_features(exp, model, "test", exp.test, exp.enc["test"]),
+    return probe_run(exp, f"gt_probe_{model}", exp.features(model, "A"), one_hot_targets(exp.half_a),
+                     exp.features(model, "test"),
                      {"model_weights": exp.model_digest(model), "train_examples": exp.examples_digest(exp.half_a)})
 
 
 def weak_probe(exp, sup: str, stu: str, weak_labels, idx: list[int]) -> dict:
     """A probe on the student's frozen features of half B's examples `idx`, trained on their weak labels."""
     examples = [exp.half_b[i] for i in idx]
-    feats = model_features(exp, stu, "B", examples, [exp.enc["B"][i] for i in idx])
-    return probe_run(exp, f"w2s_{sup}_to_{stu}_probe", feats, weak_labels,
-                     model_features(exp, stu, "test", exp.test, exp.enc["test"]),
+    return probe_run(exp, f"w2s_{sup}_to_{stu}_probe", exp.features(stu, "B")[idx], weak_labels,
+                     exp.features(stu, "test"),
                      {"model_weights": exp.model_digest(stu), "train_examples": exp.examples_digest(examples)})
 
 

@@ -7,3 +7,7 @@ in the program and keeps its traceback. It subclasses ValueError so callers that
 
 class UserError(ValueError):
     """Bad input. The message names the thing (key, file:line, path) and says what would work."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder the config names does not exist (also a FileNotFoundError, for callers that catch that)."""

@@ -36,6 +36,7 @@ from w2s_jax.models import convert, heads, presets
 log = logging.getLogger(__name__)
 
 GT = "ground_truth"
+ASSET_CHECKPOINTS = {"smollm2": "smollm2_gguf"}  # 'asset:NAME' checkpoints -> the w2s_jax.assets function
 
 
 # ------------------------------------------------------------------------------------------------ config helpers
@@ -86,6 +87,10 @@ def validate_config(cfg) -> None:
             if not m.checkpoint:
                 problems.append(f"models.{name}.checkpoint is empty: give the path of a Hugging Face LLaMA "
                                 f"directory (--config.models.{name}.checkpoint=/path/to/llama)")
+            elif m.checkpoint.startswith("asset:"):
+                if m.checkpoint[len("asset:"):] not in ASSET_CHECKPOINTS:
+                    problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: known assets are "
+                                    f"{['asset:' + a for a in ASSET_CHECKPOINTS]}")
             elif is_gguf(m.checkpoint) and not os.path.isfile(m.checkpoint):
                 problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: no such GGUF file")
             elif not is_gguf(m.checkpoint) and not os.path.isfile(os.path.join(m.checkpoint, "config.json")):
@@ -116,6 +121,22 @@ def validate_config(cfg) -> None:
     elif exp.pair_examples == "chain_step" and not parse_chains(exp.chains):
         problems.append("experiment.pair_examples='chain_step' sizes the direct pairs' data like a chain step, "
                         "but experiment.chains is empty")
+    if cfg.train.method not in ("finetune", "probe"):
+        problems.append(f"train.method={cfg.train.method!r}: expected 'finetune' or 'probe'")
+    elif cfg.train.method == "probe":
+        if cfg.task.get("scoring") != "classify":
+            problems.append(f"train.method='probe' trains linear probes over a fixed set of classes; "
+                            f"task.scoring={cfg.task.get('scoring')!r} is not 'classify'")
+        if "finetune_probe" in parse_list(exp.methods):
+            problems.append("experiment.methods 'finetune_probe' needs finetuned students: train.method='probe' "
+                            "finetunes nothing")
+        other = [loss for loss in parse_list(exp.losses) + [exp.chain_loss] if loss != "xent"]
+        if other:
+            problems.append(f"experiment.losses: train.method='probe' fits probes by cross-entropy on the soft "
+                            f"labels ('xent'); {sorted(set(other))} need finetuning")
+    for control in parse_list(exp.controls):
+        if control != "random_flips":
+            problems.append(f"experiment.controls: unknown control {control!r}; the valid one is 'random_flips'")
     if cfg.eval.mode not in ("rank", "greedy"):
         problems.append(f"eval.mode={cfg.eval.mode!r}: expected 'rank' or 'greedy'")
     if exp.labels not in ("soft", "hard"):
@@ -123,6 +144,14 @@ def validate_config(cfg) -> None:
     if cfg.train.early_stopping not in ("none", "weak_labels", "ground_truth_oracle"):
         problems.append(f"train.early_stopping={cfg.train.early_stopping!r}: expected 'none', 'weak_labels' or "
                         "'ground_truth_oracle'")
+    for key in ("train.batch_size", "train.microbatches", "eval.batch_size", "pretrain.batch_size",
+                "pretrain.steps", "pretrain.seq_len", "task.max_len"):
+        section, name = key.split(".")
+        value = cfg[section].get(name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            problems.append(f"{key}={value!r}: expected a positive integer")
+    if cfg.train.epochs <= 0:
+        problems.append(f"train.epochs={cfg.train.epochs!r}: expected a positive number")
     if cfg.train.batch_size % max(1, cfg.train.microbatches):
         problems.append(f"train.batch_size={cfg.train.batch_size} is not a multiple of "
                         f"train.microbatches={cfg.train.microbatches}")
@@ -142,7 +171,10 @@ def load_task(task_cfg) -> dict:
     if task_cfg.loader == "reward":
         from w2s_jax.data import reward
         return reward.load_reward_task(task_cfg)
-    raise ValueError(f"task.loader={task_cfg.loader!r}: expected 'chess', 'nlp' or 'reward'")
+    if task_cfg.loader == "sentiment":
+        from w2s_jax.data import sentiment
+        return sentiment.load_sentiment_task(task_cfg)
+    raise UserError(f"task.loader={task_cfg.loader!r}: expected 'chess', 'nlp', 'reward' or 'sentiment'")
 
 
 def group_of(example: dict) -> str:
@@ -205,6 +237,14 @@ def one_hot_targets(examples: list[dict]) -> list[np.ndarray]:
     return out
 
 
+def stack_targets(targets: list[np.ndarray]) -> np.ndarray:
+    """Targets of different lengths -> [N, K] with zeros where an example has fewer candidates."""
+    out = np.zeros((len(targets), max(len(t) for t in targets)), np.float32)
+    for i, t in enumerate(targets):
+        out[i, :len(t)] = t
+    return out
+
+
 def accepts(examples: list[dict]) -> list[list[int]]:
     return [ex.get("accept", [ex["label"]]) for ex in examples]
 
@@ -213,6 +253,26 @@ def softmax_valid(logits: np.ndarray, k: int) -> np.ndarray:
     z = logits[:k] - logits[:k].max()
     p = np.exp(z)
     return p / p.sum()
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint path, with 'asset:NAME' (a model shipped through the package registry) fetched and located."""
+    if not path.startswith("asset:"):
+        return path
+    from w2s_jax import assets
+    return str(getattr(assets, ASSET_CHECKPOINTS[path[len("asset:"):]])())
+
+
+def keep_first_layers(lcfg, params: dict, k: int):
+    """A model cut to its first k decoder layers (its final norm and LM head kept): an early exit. Unlike the
+    paper's separately pretrained weak models, it shares its first layers, and so some of its features, with the
+    full model."""
+    if "layers" in params:  # scanned: one stacked subtree with a leading [num_layers] axis
+        params = {**params, "layers": jax.tree.map(lambda x: x[:k], params["layers"])}
+    else:
+        params = {name: p for name, p in params.items()
+                  if not (name.startswith("layers_") and int(name[len("layers_"):]) >= k)}
+    return lcfg.replace(num_hidden_layers=k), params
 
 
 def is_gguf(path: str) -> bool:
@@ -248,12 +308,16 @@ class Experiment:
         self.seeds = parse_seeds(cfg.experiment.seeds)
         self.seed = self.seeds[0]
         self.is_main = jax.process_index() == 0
-        self.runtime = train_lib.make_runtime(cfg.mesh.to_dict(), list(cfg.logical_rules) or None)
+        self.runtime = train_lib.make_runtime(cfg.mesh.to_dict(), list(cfg.logical_rules) or None,
+                                              batches=train_lib.config_batches(cfg))
         self.scoring = cfg.task.scoring
         self.notes: list[str] = []
         self.derived: dict[str, str] = {}  # models made by a stage (generative finetuning): name -> HF directory
         self.digests: dict[str, str] = {}  # input digests: "model:<name>", "tokenizer", "test", ...
         os.makedirs(workdir, exist_ok=True)
+        # Checkpoint paths, with shipped assets ('asset:smollm2') fetched into the asset cache when first needed.
+        self.checkpoints = {name: resolve_checkpoint(m.checkpoint) for name, m in cfg.models.items()
+                            if m.source == "hf"}
 
     def path(self, *parts) -> str:
         """A path in the current seed's folder."""
@@ -265,6 +329,7 @@ class Experiment:
         self.workdir = self.root if self.seeds == [seed] else os.path.join(self.root, f"seed{seed}")
         self.derived = {}
         idx_a, idx_b = split_halves(self.train, seed)
+        self.idx = {"A": idx_a, "B": idx_b}
         self.half_a, self.half_b = [self.train[i] for i in idx_a], [self.train[i] for i in idx_b]
         self.enc["A"], self.enc["B"] = [self.enc["train"][i] for i in idx_a], [self.enc["train"][i] for i in idx_b]
         if not self.half_a or not self.half_b:
@@ -323,10 +388,23 @@ class Experiment:
                                    for ex in examples])
 
     def model_digest(self, name: str) -> str:
+        """The digest of a model's weights as used: its files, and how many of its layers are kept."""
         key = f"model:{name}"
         if key not in self.digests:
-            self.digests[key] = convert_digest(self.model_dir(name))
+            layers = self.cfg.models[name.split("+")[0]].layers if name in self.cfg.models or "+" in name else 0
+            self.digests[key] = fingerprint.digest([convert_digest(self.model_dir(name)), layers])
         return self.digests[key]
+
+    def model_config(self, name: str):
+        """The LlamaConfig of a model as used (with `layers` applied)."""
+        lcfg = checkpoint_config(self.model_dir(name))
+        layers = self.cfg.models[name].layers if name in self.cfg.models else 0
+        return lcfg.replace(num_hidden_layers=layers) if 0 < layers < lcfg.num_hidden_layers else lcfg
+
+    def feature_layer(self, name: str) -> int:
+        """The hidden state a linear probe of this model reads."""
+        m = self.cfg.models.get(name.split("+")[0])
+        return self.cfg.probe.layer if m is None or m.probe_layer is None else m.probe_layer
 
     def train_spec(self, model: str, loss_name: str) -> dict:
         """The config keys that determine a finetuning run of `model` with `loss_name`."""
@@ -372,8 +450,7 @@ class Experiment:
     def load_tokenizer(self):
         tcfg = self.cfg.tokenizer
         if tcfg.source == "model":
-            first = next(m for m in self.cfg.models.values() if m.source == "hf")
-            path = tcfg.path or first.checkpoint
+            path = tcfg.path or next(iter(self.checkpoints.values()))
             self.digests["tokenizer"] = "model:" + convert_digest(path)
             return load_checkpoint_tokenizer(path)
         from transformers import AutoTokenizer
@@ -393,7 +470,7 @@ class Experiment:
         if name in self.derived:
             return self.derived[name]
         m = self.cfg.models[name]
-        return m.checkpoint if m.source == "hf" else os.path.join(self.root, "models", name)
+        return self.checkpoints[name] if m.source == "hf" else os.path.join(self.root, "models", name)
 
     def ladder(self) -> list[str]:
         """Model names from smallest to largest (ConfigDict keys have no order of their own)."""
@@ -401,7 +478,7 @@ class Experiment:
             m = self.cfg.models[name]
             if m.source == "pretrain":
                 return presets.get_preset(m.preset).num_non_embedding_params
-            return checkpoint_config(m.checkpoint).num_non_embedding_params
+            return self.model_config(name).num_non_embedding_params
         return sorted(self.cfg.models.keys(), key=size)
 
     def ensure_model(self, name: str) -> None:
@@ -453,8 +530,12 @@ class Experiment:
 
     def load_model(self, name: str):
         md = self.cfg.model_defaults
-        return load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
-                               scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules)
+        lcfg, params = load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
+                                       scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules)
+        layers = self.cfg.models[name].layers if name in self.cfg.models else 0
+        if 0 < layers < lcfg.num_hidden_layers:
+            lcfg, params = keep_first_layers(lcfg, params, layers)
+        return lcfg, params
 
     # -------------------------------------------------------------------------------------------- runs
     def train_and_predict(self, run: str, model: str, train_split: str, train_idx: list[int],
@@ -473,10 +554,59 @@ class Experiment:
                 "val_kind": val_kind if early else None,
                 "label_sets": {k: self.examples_digest(split_examples[s]) for k, s in sorted(label_sets.items())},
                 "features_for": {s: self.examples_digest(split_examples[s]) for s in features_for},
-                "probe.layer": self.cfg.probe.layer if features_for else None}
-        return self.cached(run, spec, lambda: self._train_and_predict(
-            run, model, train_split, train_idx, targets, loss_name, label_sets, val if early else None, val_kind,
-            features_for), outputs=(self.path("predictions", f"{run}.jsonl"),))
+                "probe_layer": self.feature_layer(model) if features_for or self.probing else None}
+        if self.probing:
+            spec.update({f"probe.{k}": v for k, v in self.cfg.probe.to_dict().items() if k != "layer"})
+            compute = lambda: self._probe_and_predict(run, model, train_split, train_idx, targets, label_sets,
+                                                      val if early else None, val_kind)
+        else:
+            compute = lambda: self._train_and_predict(run, model, train_split, train_idx, targets, loss_name,
+                                                      label_sets, val if early else None, val_kind, features_for)
+        return self.cached(run, spec, compute, outputs=(self.path("predictions", f"{run}.jsonl"),))
+
+    @property
+    def probing(self) -> bool:
+        return self.cfg.train.method == "probe"
+
+    def features(self, model: str, split: str) -> np.ndarray:
+        """Frozen features of `model` for the examples of a split ('A', 'B', 'test'), computed once for the whole
+        training pool (cached on disk), so every seed's halves are rows of the same array."""
+        from w2s_jax import elicitation
+        if split == "test":
+            return elicitation.model_features(self, model, "test", self.test, self.enc["test"])
+        pool = elicitation.model_features(self, model, "train", self.train, self.enc["train"])
+        return pool[self.idx[split]]
+
+    def _probe_and_predict(self, run, model, train_split, train_idx, targets, label_sets, val, val_kind) -> dict:
+        """`train.method='probe'`: a logistic-regression probe on the model's frozen features instead of
+        finetuning; early-stopped on `val` when given."""
+        from w2s_jax import probe
+        log.info("%s: probing %s on %d examples of half %s", run, model, len(train_idx), train_split)
+        feats = self.features(model, train_split)
+        p = self.cfg.probe
+        val_data = None if val is None else (feats[val[0]], stack_targets(val[1]))
+        params = probe.train_logreg(feats[train_idx], stack_targets(targets), l2=p.l2, lr=p.lr, epochs=p.epochs,
+                                    batch_size=min(p.batch_size, len(train_idx)), seed=self.seed, val=val_data,
+                                    patience=p.patience)
+        result = {"run": run, "model": model, "seed": self.seed, "method": "probe", "loss": "xent",
+                  "train_examples": len(train_idx), "early_stopping": val_kind if val else "none", "labels": {},
+                  "probe_layer": self.feature_layer(model)}
+        result.update(self.score_test(run, [int(x) for x in probe.probe_predict(params, self.features(model, "test"))]))
+        for label_name, split in label_sets.items():
+            logits = probe.probe_logits(params, self.features(model, split))
+            exs = {"A": self.half_a, "B": self.half_b, "test": self.test}[split]
+            result["labels"][label_name] = self.write_labels(run, label_name, exs, logits)
+        return result
+
+    def write_labels(self, run: str, label_name: str, examples: list[dict], logits) -> str:
+        """Soft labels (the softmax over each example's candidates) with the example ids, as runs/<run>/labels_*."""
+        path = self.path("runs", run, f"labels_{label_name}.jsonl")
+        if self.is_main:
+            probs = [softmax_valid(np.asarray(l), len(ex["candidates"])) for l, ex in zip(logits, examples)]
+            metrics.atomic_write_text(path, "".join(
+                json.dumps({"id": ex["id"], "probs": [round(float(x), 7) for x in p]}) + "\n"
+                for ex, p in zip(examples, probs)))
+        return path
 
     def _train_and_predict(self, run, model, train_split, train_idx, targets, loss_name, label_sets, val, val_kind,
                            features_for) -> dict:
@@ -536,13 +666,7 @@ class Experiment:
         for label_name, split in label_sets.items():
             logits = self._logits(predict, state.params, self.enc[split])
             exs = {"A": self.half_a, "B": self.half_b, "test": self.test}[split]
-            probs = [softmax_valid(l, len(ex["candidates"])) for l, ex in zip(logits, exs)]
-            path = os.path.join(run_dir, f"labels_{label_name}.jsonl")
-            if self.is_main:
-                metrics.atomic_write_text(path, "".join(
-                    json.dumps({"id": ex["id"], "probs": [round(float(x), 7) for x in p]}) + "\n"
-                    for ex, p in zip(exs, probs)))
-            result["labels"][label_name] = path
+            result["labels"][label_name] = self.write_labels(run, label_name, exs, logits)
         if features_for:  # for "finetune, then probe": the finetuned trunk's features
             from w2s_jax import probe
             result["features"] = {}
@@ -635,7 +759,7 @@ class Experiment:
             self.ensure_model(m)
         self.models = {}
         for m in order:
-            lcfg = checkpoint_config(self.model_dir(m))
+            lcfg = self.model_config(m)
             self.models[m] = {"params": lcfg.num_params, "non_embedding_params": lcfg.num_non_embedding_params}
         self.supervisors = {p[0] for p in pairs} | {c[0] for c in chains}
         per_seed = {}
@@ -673,6 +797,11 @@ class Experiment:
                 runs[loss] = self._student(name, stu, pair_idx, weak_labels, loss, {}, features_for=feats)
                 self.add_student(name, runs[loss], stu, sup, loss, sup, self.gt[sup])
             self.run_methods(methods, sup, stu, weak_labels, pair_idx, runs.get("xent"))
+            if "random_flips" in parse_list(exp.controls):
+                name = f"control_{sup}_to_{stu}_random_flips"
+                flips = self.random_flip_labels(weak_labels, name)
+                res = self._student(name, stu, pair_idx, flips, "xent", {})
+                self.add_student(name, res, stu, sup, "control:random_flips", sup, self.gt[sup])
 
         for chain in chains:
             parts = cut_at_groups(list(range(len(self.half_b))), b_groups,
@@ -688,6 +817,20 @@ class Experiment:
                 row.update(loss=exp.chain_loss, chain_step=j + 1, chain_final=final)
                 prev_run = res
         return {"runs": self.rows, "outputs": self.outputs}
+
+    def random_flip_labels(self, weak_labels: list[np.ndarray], name: str) -> list[np.ndarray]:
+        """Ground truth of half B with as many labels flipped, at random, as the supervisor gets wrong there: a
+        student of these labels learns from noise of the same amount but without the supervisor's structure."""
+        wrong = sum(int(np.argmax(w)) not in ex.get("accept", [ex["label"]]) for w, ex in zip(weak_labels, self.half_b))
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        flipped = set(rng.choice(len(self.half_b), size=wrong, replace=False).tolist())
+        out = []
+        for i, ex in enumerate(self.half_b):
+            label = ex["label"]
+            if i in flipped:
+                label = int(rng.choice([c for c in range(len(ex["candidates"])) if c != ex["label"]]))
+            out.append(np.eye(len(ex["candidates"]), dtype=np.float32)[label])
+        return out
 
     def add_row(self, res: dict, row: dict) -> dict:
         """Record a result row of this seed, with the run's test answers for the statistics over seeds."""
@@ -754,6 +897,7 @@ class Experiment:
             "supervisor_run": sup_run["run"], "weak_run": self.gt[weak]["run"], "ceiling_run": ceiling["run"],
             "method": method, "pgr": metrics.pgr(res["accuracy"], acc_weak, ceiling["accuracy"]),
             "agreement": metrics.agreement(stu_answers, sup_answers),
+            "ceiling_agreement": metrics.agreement(self.outputs[ceiling["run"]]["answers"], sup_answers),
             "error_agreement": metrics.error_agreement(
                 stu_answers, sup_answers, metrics.correct(sup_run["test_predictions"], accepts(self.test)))})
         return row
@@ -787,7 +931,7 @@ def summarize(per_seed: dict, test: list[dict], models: dict, task: str, notes: 
     rows = []
     for seed_row in first:
         row = {k: v for k, v in seed_row.items() if k not in ("seed", "accuracy", "pgr", "agreement",
-                                                                "error_agreement")}
+                                                                "error_agreement", "ceiling_agreement")}
         with_interval(row, "accuracy", mean(row["name"]))
         if row["role"] == "student":
             row.update(stats.pgr(mean(row["name"]), mean(row["weak_run"]), mean(row["ceiling_run"])))
@@ -795,6 +939,8 @@ def summarize(per_seed: dict, test: list[dict], models: dict, task: str, notes: 
             stu, sup = outputs(row["name"], "answers"), outputs(row["supervisor_run"], "answers")
             agree = {s: stu[s] == sup[s] for s in seeds}
             with_interval(row, "agreement", sampler.mean(agree))
+            ceiling = outputs(row["ceiling_run"], "answers")
+            with_interval(row, "ceiling_agreement", sampler.mean({s: ceiling[s] == sup[s] for s in seeds}))
             sup_wrong = {s: ~outputs(row["supervisor_run"], "correct")[s] for s in seeds}
             if any(w.any() for w in sup_wrong.values()):
                 with_interval(row, "error_agreement", sampler.mean(agree, where=sup_wrong))

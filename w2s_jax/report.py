@@ -36,6 +36,9 @@ UNDEFINED_REASONS = {"ceiling not above weak": "n/a† (ceiling ≤ weak)", "gap
 MISSING = "–"
 FOOTNOTE_PGR = ("† PGR undefined: the ceiling is not more accurate than the weak supervisor, or the 95% interval "
                 "of the gap (ceiling - weak) reaches 0, so the ratio's interval is unbounded.")
+NOTE_AGREEMENT = ("agreement: how often the student gives its supervisor's answer on the test set; error agreement: "
+                  "the same on the supervisor's mistakes; ceiling agreement: how often the ceiling (the student "
+                  "model trained on ground truth) gives the supervisor's answer: a student far above it imitates.")
 FOOTNOTE_ORACLE = (
     "‡ Early stopping on the ground-truth labels of the student's validation examples: an oracle the "
     "weak-to-strong setting does not have (as in the paper), shown only for comparison."
@@ -191,7 +194,7 @@ def _ground_truth_rows(results: dict[str, Any]) -> tuple[list[str], list[list[st
 
 def _student_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["supervisor", "student", "method", "early stopping", "accuracy [95% CI]", "PGR [95% CI]",
-               "agreement [95% CI]", "error agreement", "per seed"]
+               "agreement [95% CI]", "error agreement", "ceiling agreement", "per seed"]
     rows = []
     for r in student_runs(results):
         rows.append(
@@ -204,6 +207,7 @@ def _student_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 format_pgr(r),
                 format_interval(r, "agreement"),
                 format_number(r.get("error_agreement")),
+                format_number(r.get("ceiling_agreement")),
                 format_seeds(r),
             ]
         )
@@ -251,7 +255,7 @@ def _provenance(results: dict[str, Any]) -> list[str]:
 
 def _footnotes(results: dict[str, Any]) -> list[str]:
     students = student_runs(results)
-    notes = []
+    notes = [NOTE_AGREEMENT] if students else []
     if any(r.get("pgr") is None for r in students):
         notes.append(FOOTNOTE_PGR)
     if any(r.get("early_stopping") == "ground_truth_oracle" for r in results["runs"]):

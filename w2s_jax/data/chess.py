@@ -18,6 +18,8 @@ from pathlib import Path
 import chess
 import ml_collections
 
+from w2s_jax.errors import MissingFile, UserError
+
 logger = logging.getLogger(__name__)
 
 LICHESS_COLUMNS = ("PuzzleId", "FEN", "Moves", "Rating", "RatingDeviation", "Popularity", "NbPlays", "Themes",
@@ -179,10 +181,10 @@ def _csv_rows(path):
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: empty file, expected a header with {', '.join(LICHESS_COLUMNS)}")
+            raise UserError(f"{path}: empty file, expected a header with {', '.join(LICHESS_COLUMNS)}")
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise ValueError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
+            raise UserError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
         rows = []
         for row in reader:
             if row:
@@ -201,14 +203,14 @@ def _parse_or_report(path, row, on_error):
     except _RowError as e:
         message = f"{path}:{line}: {e}"
         if on_error == "raise":
-            raise ValueError(message) from None
+            raise UserError(message) from None
         logger.warning("skipping malformed puzzle row: %s", message)
         return None
 
 
 def _check_on_error(on_error):
     if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        raise UserError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
 
 
 def read_lichess_csv(path, on_error="skip"):
@@ -239,11 +241,11 @@ def write_lichess_csv(path, rows, with_transcript=True):
 def puzzle_prompt(puzzle, prompt_format):
     """The prompt text for one puzzle record; `auto` uses the transcript when the record has one."""
     if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        raise UserError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     if prompt_format == "fen" or (prompt_format == "auto" and not puzzle.get("transcript")):
         return fen_prompt(puzzle["fen"])
     if not puzzle.get("transcript"):
-        raise ValueError(f"puzzle {puzzle['id']}: prompt_format='transcript' but it has no transcript "
+        raise UserError(f"puzzle {puzzle['id']}: prompt_format='transcript' but it has no transcript "
                          "(use prompt_format='auto' to fall back to the FEN prompt)")
     return transcript_prompt(puzzle["transcript"])
 
@@ -331,7 +333,7 @@ def default_task_config():
 def resolve_path(path, key):
     """A configured path: absolute, or relative to the working directory, else to the repo root."""
     if not path:
-        raise ValueError(f"task.{key} is empty")
+        raise UserError(f"task.{key} is empty")
     path = Path(path).expanduser()
     if path.is_absolute() or path.exists():
         return path
@@ -340,7 +342,7 @@ def resolve_path(path, key):
 
 def _require(path, key):
     if not path.exists():
-        raise FileNotFoundError(f"task.{key}: {path} does not exist")
+        raise MissingFile(f"task.{key}: {path} does not exist")
     return path
 
 
@@ -354,7 +356,7 @@ def _take(path, rows, n, on_error, key):
         if record is not None:
             records.append(record)
     if n > len(records):
-        raise ValueError(f"task.{key} = {n} but {path} has only {len(records)} valid puzzles")
+        raise UserError(f"task.{key} = {n} but {path} has only {len(records)} valid puzzles")
     return records
 
 
@@ -395,7 +397,7 @@ def _split_by_game(path, rows, task_cfg, rng):
     rng.shuffle(groups)
     n_train, n_test = task_cfg.n_train, task_cfg.n_test
     if n_test < 0:
-        raise ValueError("task.n_test must be >= 0 when train and test come from one CSV (task.csv_path)")
+        raise UserError("task.n_test must be >= 0 when train and test come from one CSV (task.csv_path)")
     train, test = [], []
     for group in groups:
         split = test if len(test) < n_test else train
@@ -403,7 +405,7 @@ def _split_by_game(path, rows, task_cfg, rng):
             break
         split.extend(r for r in (_parse_or_report(path, row, task_cfg.on_bad_row) for row in group) if r)
     if len(test) < n_test or len(train) < n_train:
-        raise ValueError(f"task.n_train={n_train}, task.n_test={n_test}: {path} has only "
+        raise UserError(f"task.n_train={n_train}, task.n_test={n_test}: {path} has only "
                          f"{len(train) + len(test)} valid puzzles")
     return train[:n_train] if n_train >= 0 else train, test[:n_test]
 
@@ -415,14 +417,14 @@ def _load_generated(task_cfg, rng):
 
         chess_gen.generate_to_dir(task_cfg.generator, data_dir)
     if not data_dir.exists():
-        raise FileNotFoundError(f"task.data_dir: {data_dir} does not exist; create it with "
+        raise MissingFile(f"task.data_dir: {data_dir} does not exist; create it with "
                                 f"`python -m w2s_jax.data.chess_gen --out {data_dir} --preset tiny` "
                                 "or set task.generator.generate_if_missing=True")
     paths = {}
     for split in ("train", "test"):
         paths[split] = find_data_file(data_dir, f"{split}.csv")
         if paths[split] is None:
-            raise FileNotFoundError(f"task.data_dir: {data_dir} has no {split}.csv or {split}.csv.gz")
+            raise MissingFile(f"task.data_dir: {data_dir} has no {split}.csv or {split}.csv.gz")
     train, test, notes = _train_and_test(paths["train"], paths["test"], task_cfg, rng)
     return train, test, find_data_file(data_dir, "corpus.txt"), notes
 
@@ -448,7 +450,7 @@ def load_chess_task(task_cfg):
     elif task_cfg.source == "lichess_csv":
         train, test, corpus_file, notes = _load_lichess(task_cfg, rng)
     else:
-        raise ValueError(f"task.source must be 'generated' or 'lichess_csv', got {task_cfg.source!r}")
+        raise UserError(f"task.source must be 'generated' or 'lichess_csv', got {task_cfg.source!r}")
     if task_cfg.corpus_path:
         corpus_file = _require(resolve_path(task_cfg.corpus_path, "corpus_path"), "corpus_path")
     corpus = read_corpus(corpus_file) if corpus_file else []

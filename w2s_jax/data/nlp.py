@@ -52,7 +52,7 @@ import datasets
 import ml_collections
 import numpy as np
 
-from w2s_jax.errors import UserError
+from w2s_jax.errors import MissingFile, UserError
 
 log = logging.getLogger(__name__)
 
@@ -391,15 +391,11 @@ def _builder_for(path: str) -> str:
     return _BUILDERS[extension]
 
 
-class MissingDataFile(UserError, FileNotFoundError):
-    """No file matches a data_files pattern (also a FileNotFoundError, which callers caught before)."""
-
-
 def load_files(pattern: str) -> tuple[datasets.Dataset, str]:
     """All rows of the files matching `pattern` (sorted paths, concatenated), read with `datasets` offline."""
     paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not paths:
-        raise MissingDataFile(f"data_files: no file matches {pattern!r} (relative paths start in {os.getcwd()}); "
+        raise MissingFile(f"data_files: no file matches {pattern!r} (relative paths start in {os.getcwd()}); "
                               "give --config.task.data_files=PATH or train=PATH,test=PATH")
     builders = {_builder_for(path) for path in paths}
     if len(builders) != 1:

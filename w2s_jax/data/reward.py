@@ -29,6 +29,8 @@ import ml_collections
 
 from w2s_jax.data import nlp
 
+from w2s_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ASSISTANT = "\n\nAssistant:"
@@ -42,7 +44,7 @@ TASKS = {
 
 def default_task_config(name: str) -> ml_collections.ConfigDict:
     if name not in TASKS:
-        raise ValueError(f"unknown reward task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise UserError(f"unknown reward task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return ml_collections.ConfigDict(dict(
         name=name,
         loader="reward",
@@ -131,7 +133,7 @@ def load_reward_task(task_cfg) -> dict[str, list[dict]]:
             log.warning("task %s: dropped %d %s pairs from %s: %s", cfg.name, sum(dropped.values()), role,
                         split.origin, dict(dropped))
         if not kept:
-            raise ValueError(f"task {cfg.name!r}: no {role} pairs left from {split.origin}; dropped {dict(dropped)}")
+            raise UserError(f"task {cfg.name!r}: no {role} pairs left from {split.origin}; dropped {dict(dropped)}")
         result[role] = [
             {"id": f"{cfg.name}/{role}/{source_index}", "prompt": prompt, "candidates": candidates, "label": label,
              "meta": {"source_index": source_index, "source_split": split.split}}
