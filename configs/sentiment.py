@@ -8,6 +8,7 @@ Presets (`--config=configs/sentiment.py:<preset>`):
            probed at layer 20. Ground truth, weak-to-strong, a control of random label flips at the weak model's
            error rate; 5 seeds. Minutes on a 2-core CPU once the features are cached.
   large    the same with every movie snippet the margin keeps, and the other three snippet files as well.
+  smoke    the same pipeline in seconds (tests): SmolLM2 cut to 1 and 2 layers, a hundred examples, 2 seeds.
 """
 from configs.base import get_base_config, model
 from w2s_jax.data.sentiment import default_task_config
@@ -17,7 +18,6 @@ def get_config(preset: str = "default"):
     c = get_base_config()
     c.name = f"sentiment_{preset}"
     c.task = default_task_config()
-    c.task.max_len = 160
     c.tokenizer.source = "model"
     c.model_defaults.update(dtype="float32", param_dtype="float32")
     c.models.weak = model(source="hf", checkpoint="asset:smollm2", layers=2)
@@ -31,6 +31,12 @@ def get_config(preset: str = "default"):
         c.task.update(sources="movie", n_train=2400, n_test=1600)
     elif preset == "large":
         c.task.update(sources="all", n_train=0, n_test=0)
+    elif preset == "smoke":
+        c.task.update(sources="movie", n_train=128, n_test=64)
+        c.models.weak = model(source="hf", checkpoint="asset:smollm2", layers=1)
+        c.models.strong = model(source="hf", checkpoint="asset:smollm2", layers=2)
+        c.probe.update(epochs=20, batch_size=32)
+        c.experiment.seeds = "0,1"
     else:
-        raise ValueError(f"unknown sentiment preset {preset!r}: expected default or large")
+        raise ValueError(f"unknown sentiment preset {preset!r}: expected default, large or smoke")
     return c
