@@ -74,6 +74,14 @@ CASES = {
     "missing_gguf": ([SMOKE, "--config.models.weak.source=hf", "--config.models.weak.checkpoint={tmp}/nope.gguf",
                       "--config.tokenizer.source=model"], {},
                      "invalid config: models.weak.checkpoint='{tmp}/nope.gguf': no such GGUF file"),
+    "negative_batch_size": ([SMOKE, "--config.train.batch_size=-3"], {},
+                            "invalid config: train.batch_size=-3: expected a positive integer"),
+    "probe_on_chess": ([SMOKE, "--config.experiment.methods=probe"], {},
+                       "invalid config: experiment.methods: 'probe' needs a fixed set of classes, but task.scoring="
+                       "'choice_lm' scores a variable list of candidates (chess: the legal moves), so a linear head "
+                       "over their indices means nothing"),
+    "bad_seeds": ([SMOKE, "--config.experiment.seeds=0,zero"], {},
+                  "invalid config: experiment.seeds='0,zero': expected comma-separated integers such as '0,1,2'"),
     "bad_distributed_mode": ([SMOKE, "--config.distributed.mode=bogus"], {},
                              "distributed.mode='bogus' is not one of 'auto', 'explicit', 'off'"),
     "workdir_is_a_file": ([SMOKE, "--workdir={tmp}/a_file"], {},
