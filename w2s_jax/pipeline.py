@@ -91,9 +91,9 @@ def validate_config(cfg) -> None:
                 if m.checkpoint[len("asset:"):] not in ASSET_CHECKPOINTS:
                     problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: known assets are "
                                     f"{['asset:' + a for a in ASSET_CHECKPOINTS]}")
-            elif is_gguf(m.checkpoint) and not os.path.isfile(m.checkpoint):
+            elif convert.is_gguf(m.checkpoint) and not os.path.isfile(m.checkpoint):
                 problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: no such GGUF file")
-            elif not is_gguf(m.checkpoint) and not os.path.isfile(os.path.join(m.checkpoint, "config.json")):
+            elif not convert.is_gguf(m.checkpoint) and not os.path.isfile(os.path.join(m.checkpoint, "config.json")):
                 problems.append(f"models.{name}.checkpoint={m.checkpoint!r}: no config.json there (expected a "
                                 "Hugging Face LLaMA directory or a .gguf file)")
         elif m.source == "pretrain":
@@ -275,29 +275,6 @@ def keep_first_layers(lcfg, params: dict, k: int):
     return lcfg.replace(num_hidden_layers=k), params
 
 
-def is_gguf(path: str) -> bool:
-    return str(path).endswith(".gguf")
-
-
-def checkpoint_config(path: str):
-    """The LlamaConfig of a checkpoint: an HF directory (config.json) or a GGUF file."""
-    if is_gguf(path):
-        return convert.checkpoint_config(path)
-    with open(os.path.join(path, "config.json")) as f:
-        return convert.config_from_hf(json.load(f))
-
-
-def load_checkpoint(path: str, **kwargs):
-    return convert.load_gguf(path, **kwargs) if is_gguf(path) else convert.load_hf(path, **kwargs)
-
-
-def load_checkpoint_tokenizer(path: str):
-    if is_gguf(path):
-        return convert.load_tokenizer(path)
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
-
-
 # ------------------------------------------------------------------------------------------------ the experiment
 class Experiment:
     def __init__(self, cfg, workdir: str):
@@ -314,6 +291,7 @@ class Experiment:
         self.notes: list[str] = []
         self.derived: dict[str, str] = {}  # models made by a stage (generative finetuning): name -> HF directory
         self.digests: dict[str, str] = {}  # input digests: "model:<name>", "tokenizer", "test", ...
+        self._configs: dict[str, object] = {}  # checkpoint path -> LlamaConfig
         os.makedirs(workdir, exist_ok=True)
         # Checkpoint paths, with shipped assets ('asset:smollm2') fetched into the asset cache when first needed.
         self.checkpoints = {name: resolve_checkpoint(m.checkpoint) for name, m in cfg.models.items()
@@ -397,7 +375,10 @@ class Experiment:
 
     def model_config(self, name: str):
         """The LlamaConfig of a model as used (with `layers` applied)."""
-        lcfg = checkpoint_config(self.model_dir(name))
+        path = self.model_dir(name)
+        if path not in self._configs:  # reading a GGUF's metadata takes seconds
+            self._configs[path] = convert.checkpoint_config(path)
+        lcfg = self._configs[path]
         layers = self.cfg.models[name].layers if name in self.cfg.models else 0
         return lcfg.replace(num_hidden_layers=layers) if 0 < layers < lcfg.num_hidden_layers else lcfg
 
@@ -452,7 +433,7 @@ class Experiment:
         if tcfg.source == "model":
             path = tcfg.path or next(iter(self.checkpoints.values()))
             self.digests["tokenizer"] = "model:" + convert_digest(path)
-            return load_checkpoint_tokenizer(path)
+            return convert.load_tokenizer(path)
         from transformers import AutoTokenizer
         out = os.path.join(self.root, "tokenizer")
         texts = self.corpus + [c for ex in self.train for c in ex["candidates"]]
@@ -530,7 +511,7 @@ class Experiment:
 
     def load_model(self, name: str):
         md = self.cfg.model_defaults
-        lcfg, params = load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
+        lcfg, params = convert.load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
                                        scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules)
         layers = self.cfg.models[name].layers if name in self.cfg.models else 0
         if 0 < layers < lcfg.num_hidden_layers:
