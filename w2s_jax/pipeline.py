@@ -728,6 +728,7 @@ class Experiment:
     def run(self) -> dict:
         """Every seed's stages, then the means over seeds with intervals; writes the report."""
         cfg, exp = self.cfg, self.cfg.experiment
+        started = provenance(cfg)  # the code as the run starts: later edits of the checkout are not what ran
         self.prepare_data()
         pairs = [tuple(p) for p in parse_chains(exp.pairs)]
         chains = parse_chains(exp.chains)
@@ -748,7 +749,7 @@ class Experiment:
             self.use_seed(seed)
             per_seed[seed] = self.run_seed(order, pairs, chains)
         self.results = summarize(per_seed, self.test, self.models, cfg.task.name, self.notes)
-        self.results.update(provenance(cfg))
+        self.results.update(started)
         if self.is_main:
             report.write_report(self.results, self.root)
         return self.results
