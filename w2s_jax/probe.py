@@ -98,7 +98,9 @@ def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer
     items = _prompt_items(encoded)
     out = np.zeros((len(items), cfg.hidden_size), np.float32)
     for idx, chunk in batching.prediction_batches(items, batch_size):
-        host = batching.collate(chunk, "classify", batch_size=batch_size)
+        # Length-sorted batches padded to a multiple of 32, not 128: on short texts (sentiment prompts) most of a
+        # 128-multiple batch was padding.
+        host = batching.collate(chunk, "classify", batch_size=batch_size, seq_len=batching.seq_bucket(chunk, 32))
         batch = {k: host[k] for k in ("input_ids", "attention_mask", "last_index")}
         with runtime.tracing():
             feats = to_host(jitted(params, runtime.put_batch(batch)))

@@ -128,9 +128,10 @@ def prediction_batches(encoded: Sequence[dict], batch_size: int):
         yield idx, [encoded[i] for i in idx]
 
 
-def seq_bucket(items: Sequence[dict]) -> int:
-    """Padded sequence length for a batch: its longest item, rounded up to a multiple of 128 (few compiles)."""
-    return bucket(max(it["length"] for it in items), 128)
+def seq_bucket(items: Sequence[dict], multiple: int = 128) -> int:
+    """Padded sequence length for a batch: its longest item, rounded up to a multiple of `multiple` (128: few
+    compiles of a train step; a forward pass over length-sorted batches pads less with 32)."""
+    return bucket(max(it["length"] for it in items), multiple)
 
 
 def candidate_count(items: Sequence[dict], scoring: str) -> int:

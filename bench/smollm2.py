@@ -1,0 +1,456 @@
+"""SmolLM2-135M on this CPU: feature extraction and the classification train step, ours against transformers'
+PyTorch, in float32 and bfloat16, side by side in one process.
+
+    python bench/smollm2.py [--batch=32] [--seq=64] [--rounds=5] [--warmup=2] [--threads=2] [--devices=2]
+                            [--dtypes=float32,bfloat16] [--phases=features,train] [--out=results.json]
+    python bench/smollm2.py --quick            # smoke run: batch 4, one warm-up call and one timed round
+
+The model is the real SmolLM2-135M-Instruct GGUF file (`w2s_jax.assets.smollm2_gguf()`), dequantised once by
+`convert.load_gguf` into float32 parameters; PyTorch gets the very same weights (`torch_model`). The batch is real
+sentiment prompts (`configs/sentiment.py`'s task: the test split's first --batch prompts of at most --seq tokens,
+SmolLM2's tokenizer, right-padded to --seq as `batching.collate` pads them), or random full-length rows with
+`--data=synthetic`. Every model of a phase runs on that same batch.
+
+  features  What the pipeline's probes compute (`probe.extract_features`): the hidden state --layer at each row's
+            last prompt token, float32 [B, hidden], on the host. Ours: `probe.last_token_features_fn` jitted with
+            the parameter and batch shardings exactly as `extract_features` jits it (the jit is built once here,
+            where `extract_features` builds it once per call), host batch in, numpy features out. PyTorch:
+            `LlamaForCausalLM(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1)` under
+            `torch.no_grad()`, then the same gather (`logits_to_keep=1`: the LM head on one position, not on all
+            B x L; ours never computes it).
+  train     The pipeline's finetuning step (`pipeline.train_and_predict`): `train.make_choice_step` with
+            scoring "classify" (a zero-initialised [hidden, 2] head on the last prompt token's final hidden
+            state), the `xent` loss on the labels, the base config's optimizer (`train.make_optimizer`: Adam,
+            lr 5e-5, cosine schedule), jitted by `train.jit_step` with the state donated. PyTorch: the trunk
+            (`model.model`), the same gather and bias-free head in float32, soft-target cross-entropy, backward
+            and `torch.optim.Adam(fused=True)` over the trunk and the head. Every parameter trains, in both.
+
+Dtypes: float32 for both frameworks, and bfloat16 as each framework's mixed precision: ours with the model
+config's `dtype="bfloat16"` (float32 parameters and optimizer state, bfloat16 matmuls with float32
+accumulation), PyTorch under `torch.autocast("cpu", dtype=torch.bfloat16)` (float32 weights, bfloat16 matmuls).
+Ours runs on a mesh of --devices virtual CPU devices (the project's default on a CPU: one per core, the batch
+and the FSDP-sharded parameters split over them); PyTorch uses `torch.set_num_threads(--threads)`; the process is
+pinned to --threads cores.
+
+Timing: after --warmup untimed calls of each model (compilation included), --rounds rounds call each model of the
+phase once in turn (round-robin, so a change in the machine's load hits all alike); each figure is the median.
+tokens/s counts the B x L positions computed (padding included: both frameworks compute them); `real_tokens_per_s`
+in the JSON counts the prompts' own tokens. The ratio of interest is ours over PyTorch in the same dtype.
+The script prints a table and writes every number as JSON (--out, and a last line on stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import throughput  # noqa: E402  (stdlib-only at import: jax is not started yet)
+
+DTYPES = throughput.DTYPES
+PHASES = ("features", "train")
+TARGET = 1.5  # the issue's target: ours / PyTorch tokens/s in the same dtype
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32, help="rows per batch (the sentiment config's eval.batch_size)")
+    p.add_argument("--seq", type=int, default=64, help="padded length L (prompts longer than L are skipped)")
+    p.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds per phase (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each model first (compilation)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores the process (both frameworks) uses")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated virtual CPU device counts for ours (default: --threads, one per core)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16, for both frameworks")
+    p.add_argument("--phases", default="features,train", help="features and/or train")
+    p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="hidden state the features read (-1: the final normed one; configs/sentiment.py probes 20)")
+    p.add_argument("--data", default="sentiment", choices=("sentiment", "synthetic"),
+                   help="real sentiment prompts, or random full-length token rows")
+    p.add_argument("--scan_layers", type=int, choices=(0, 1), default=0,
+                   help="our model with nn.scan over its layers (the configs' default: 0)")
+    p.add_argument("--malloc", default="default", choices=("default", "retain"),
+                   help="host allocator of the whole process (bench/throughput.py's --malloc)")
+    p.add_argument("--out", default="", help="write the JSON of every figure here")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: --batch=4 --rounds=1 --warmup=1 unless given")
+    args = p.parse_args(argv)
+    if args.quick:
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for name, value in (("batch", 4), ("rounds", 1), ("warmup", 1)):
+            if f"--{name}" not in given:
+                setattr(args, name, value)
+    for name in ("batch", "seq", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)}: must be at least 1")
+    if args.warmup < 0:
+        p.error(f"--warmup={args.warmup}: must be 0 or more")
+    try:
+        args.devices = sorted({int(d) for d in (args.devices or str(args.threads)).split(",") if d})
+    except ValueError:
+        p.error(f"--devices={args.devices!r}: expected comma-separated integers")
+    bad = [d for d in args.devices if d < 1 or args.batch % d]
+    if bad:
+        p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
+    for name, allowed in (("dtypes", DTYPES), ("phases", PHASES), ("frameworks", ("jax", "torch"))):
+        values = [v for v in getattr(args, name).split(",") if v]
+        unknown = sorted(set(values) - set(allowed))
+        if unknown or not values:
+            p.error(f"--{name}: unknown {unknown}; expected some of {', '.join(allowed)}")
+        setattr(args, name, values)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ model and data
+def load_smollm2(scan_layers: bool = False):
+    """(LlamaConfig, float32 params as host numpy arrays, path) of the real SmolLM2 file.
+
+    On the host, so every model placed from them gets its own copy: a state the train step donates must not share
+    a buffer with them, and `jax.device_put(..., may_alias=False)` of a single-device array onto a replicated
+    multi-device sharding still reuses its buffer on the first device (jax 0.10.2)."""
+    import jax
+    import numpy as np
+
+    from w2s_jax import assets
+    from w2s_jax.models import convert
+
+    path = assets.smollm2_gguf()
+    cfg, params = convert.load_gguf(path, dtype="float32", param_dtype="float32", scan_layers=scan_layers)
+    return cfg, jax.tree.map(np.asarray, jax.device_get(params)), path
+
+
+def sentiment_batch(tokenizer, batch: int, seq: int) -> dict:
+    """The first `batch` test prompts of the sentiment task with at most `seq` tokens, collated for "classify"
+    (right-padded to `seq`), with one-hot targets of their labels."""
+    import numpy as np
+
+    from w2s_jax.data import batching
+    from w2s_jax.data.sentiment import default_task_config, load_sentiment_task
+
+    task = load_sentiment_task(default_task_config())
+    encoded, _ = batching.encode_examples(task["test"], tokenizer, "classify", seq)
+    if len(encoded) < batch:
+        raise ValueError(f"only {len(encoded)} sentiment prompts have at most --seq={seq} tokens; lower --batch")
+    items = encoded[:batch]
+    targets = np.eye(2, dtype=np.float32)[[task["test"][it["src"]]["label"] for it in items]]
+    return batching.collate(items, "classify", targets, batch_size=batch, num_candidates=2, seq_len=seq)
+
+
+def synthetic_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
+    """Random full-length rows in `batching.collate`'s "classify" layout, with random one-hot targets."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(3, vocab, (batch, seq)).astype(np.int32),
+            "attention_mask": np.ones((batch, seq), np.int32),
+            "last_index": np.full((batch,), seq - 1, np.int32),
+            "cand_mask": np.ones((batch, 2), bool), "example_mask": np.ones((batch,), bool),
+            "targets": np.eye(2, dtype=np.float32)[rng.integers(0, 2, batch)]}
+
+
+def train_config():
+    """The base config's finetuning section (optimizer, schedule, lr), as every task config inherits it."""
+    from configs.base import get_base_config
+    return get_base_config().train
+
+
+def torch_model(cfg, params, threads: int):
+    """transformers' LlamaForCausalLM (eager, default SDPA attention, float32) holding our `params`."""
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+
+    from w2s_jax.models import convert
+
+    torch.set_num_threads(threads)
+    hf = convert.config_to_hf(cfg.replace(dtype="float32", param_dtype="float32", scan_layers=False))
+    hf["use_cache"] = False
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    host = convert._unstack_layers(jax.tree.map(np.asarray, params), cfg.num_hidden_layers)
+    state = {}
+    for spec in convert.tensor_specs(cfg):
+        x = host
+        for key in spec.flax_path:
+            x = x[key]
+        state[spec.hf_name] = torch.from_numpy(np.array(x.T if spec.transpose else x, np.float32, order="C"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()):
+        raise RuntimeError(f"torch state dict: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def _autocast(dtype: str):
+    import contextlib
+
+    import torch
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def _torch_batch(batch: dict) -> dict:
+    import torch
+    return {"input_ids": torch.from_numpy(batch["input_ids"].astype("int64")),
+            "attention_mask": torch.from_numpy(batch["attention_mask"].astype("int64")),
+            "last_index": torch.from_numpy(batch["last_index"].astype("int64")),
+            "cand_mask": torch.from_numpy(batch["cand_mask"]), "targets": torch.from_numpy(batch["targets"])}
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+def make_runtime(devices: int):
+    import jax
+
+    from w2s_jax import train
+    if jax.device_count() < devices:
+        raise ValueError(f"--devices={devices}: jax sees {jax.device_count()} devices "
+                         f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
+    return train.make_runtime({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.devices()[:devices])
+
+
+def jax_features(cfg, params, batch: dict, layer: int, runtime):
+    """Our feature extraction of one host batch as a no-argument function returning numpy [B, hidden]: the jit of
+    `probe.extract_features` (same function, shardings and host transfers), built once."""
+    import jax
+    import jax.numpy as jnp
+
+    from w2s_jax import parallel, probe
+    from w2s_jax.models.llama import LlamaForCausalLM
+    from w2s_jax.train import to_host
+
+    shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), runtime.mesh,
+                                         runtime.rules)
+    placed = parallel.shard_params(params, shardings)
+    jitted = jax.jit(probe.last_token_features_fn(cfg, layer), in_shardings=(shardings, runtime.batch_sharding),
+                     out_shardings=runtime.replicated)
+    host = {k: batch[k] for k in ("input_ids", "attention_mask", "last_index")}
+
+    def run():
+        with runtime.tracing():
+            return to_host(jitted(placed, runtime.put_batch(host)))
+    return run
+
+
+def torch_features(model, batch: dict, layer: int, dtype: str):
+    """PyTorch's feature extraction of the batch as a no-argument function returning numpy [B, hidden]."""
+    import torch
+
+    t = _torch_batch(batch)
+    rows = torch.arange(t["input_ids"].shape[0])
+    model.eval()
+
+    def run():
+        with torch.no_grad(), _autocast(dtype):
+            out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], output_hidden_states=True,
+                        logits_to_keep=1)
+            return out.hidden_states[layer][rows, t["last_index"]].float().numpy()
+    return run
+
+
+def jax_train_step(cfg, params, batch: dict, runtime, total_steps: int = 1000):
+    """The pipeline's classify finetuning step (`pipeline.train_and_predict`) as a blocking no-argument function
+    returning the step's loss; the state is donated, so each call trains on from the last."""
+    import jax
+
+    from w2s_jax import losses as losses_lib
+    from w2s_jax import train
+    from w2s_jax.models import heads
+
+    tcfg = train_config()
+    head = heads.init_head("classify", batch["targets"].shape[1], params, cfg, tcfg.head_init)
+    tx = train.make_optimizer(tcfg, total_steps, float(tcfg.lr))
+    _, shardings = train.state_shardings(cfg, head, tx, runtime)
+    holder = {"state": train.create_state({"lm": params, "head": head}, tx, shardings)}
+    step_fn = train.jit_step(train.make_choice_step(cfg, "classify", losses_lib.get("xent"), tx, total_steps),
+                             shardings, runtime)
+    placed = runtime.put_batch(batch)
+
+    def step():
+        holder["state"], metrics = step_fn(holder["state"], placed)
+        jax.block_until_ready(holder["state"])
+        return float(train.to_host(metrics["loss"]))
+    return step
+
+
+def torch_train_step(model, batch: dict, dtype: str):
+    """PyTorch's counterpart of `jax_train_step` as a no-argument function returning the step's loss: the trunk
+    (under autocast for bfloat16), the last prompt token's hidden state, a zero-initialised bias-free float32 head,
+    soft-target cross-entropy over the real candidates, backward, fused Adam at the base config's lr."""
+    import torch
+
+    tcfg = train_config()
+    t = _torch_batch(batch)
+    rows = torch.arange(t["input_ids"].shape[0])
+    model.train()
+    head = torch.nn.Linear(model.config.hidden_size, t["targets"].shape[1], bias=False)
+    torch.nn.init.zeros_(head.weight)
+    opt = torch.optim.Adam(list(model.model.parameters()) + [head.weight], lr=float(tcfg.lr), fused=True)
+
+    def step():
+        with _autocast(dtype):
+            hidden = model.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
+        logits = head(hidden[rows, t["last_index"]].float()).masked_fill(~t["cand_mask"], -1e9)
+        loss = -(t["targets"] * torch.log_softmax(logits, -1)).sum(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def run_phase(fns: dict, warmup: int, rounds: int, tokens: int, real_tokens: int) -> dict:
+    """{name: figures} of blocking no-argument functions timed round-robin (`throughput.median_times`); each
+    run also keeps its timed calls' wall seconds in order (`samples_s`) and its last output."""
+    outputs, samples = {}, {name: [] for name in fns}
+
+    def keeping(name, fn):
+        def call():
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            samples[name].append(time.perf_counter() - t0)
+        return call
+
+    timed = throughput.median_times({n: keeping(n, f) for n, f in fns.items()}, warmup, rounds)
+    runs = {}
+    for name, (seconds, cpu) in timed.items():
+        runs[name] = {"s": seconds, "cpu_s": cpu, "tokens_per_s": tokens / seconds,
+                      "real_tokens_per_s": real_tokens / seconds, "samples_s": samples[name][warmup:],
+                      "last_output": outputs.get(name)}
+    return runs
+
+
+def speedups(runs: dict) -> dict:
+    """{ours: {"same_dtype": ratio to PyTorch in its dtype, "vs_torch_f32": ratio to PyTorch's float32}}."""
+    out = {}
+    for name, r in runs.items():
+        if not name.startswith("jax/"):
+            continue
+        dtype = name.split("/")[1]
+        same, f32 = runs.get(f"torch/{dtype}"), runs.get("torch/f32")
+        out[name] = {"same_dtype": same and r["tokens_per_s"] / same["tokens_per_s"],
+                     "vs_torch_f32": f32 and r["tokens_per_s"] / f32["tokens_per_s"]}
+    return out
+
+
+def feature_agreement(runs: dict) -> dict:
+    """Max |ours - PyTorch| of the features, over max |PyTorch|, per dtype (a check that both compute the same)."""
+    import numpy as np
+    out = {}
+    for d in DTYPES.values():
+        theirs = runs.get(f"torch/{d}", {}).get("last_output")
+        for name, r in runs.items():
+            if name.startswith(f"jax/{d}") and theirs is not None and r.get("last_output") is not None:
+                out[name] = float(np.abs(r["last_output"] - theirs).max() / np.abs(theirs).max())
+    return out
+
+
+def format_table(phases: dict) -> str:
+    header = ("phase", "model", "s/batch", "CPU s", "tokens/s", "real tokens/s", "vs torch same dtype",
+              "vs torch/f32")
+    lines = [header]
+    for phase, res in phases.items():
+        for name, r in res["runs"].items():
+            sp = res["speedup"].get(name, {})
+            lines.append((phase, name, f"{r['s']:.3f}", f"{r['cpu_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                          f"{r['real_tokens_per_s']:,.0f}",
+                          *(f"{sp[k]:.2f}x" if sp.get(k) else "" for k in ("same_dtype", "vs_torch_f32"))))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    from w2s_jax import host_memory  # first: the allocator settings must precede jax's and torch's threads
+    retained = host_memory.retain_freed_memory(args.malloc)
+    throughput.pin_threads(args.threads, max(args.devices))
+    load_before = os.getloadavg()
+    info = throughput.machine_info(args.threads)
+    print(f"{info['cpu']}, {args.threads} threads, jax {info['jax']}, torch {info['torch']}; "
+          f"XLA_FLAGS={info['xla_flags']!r}; malloc {'retained' if retained else 'glibc default'}", flush=True)
+
+    import copy
+
+    import numpy as np
+
+    from w2s_jax.models import convert
+
+    cfg, params, path = load_smollm2(bool(args.scan_layers))
+    if args.data == "sentiment":
+        batch = sentiment_batch(convert.load_tokenizer(path), args.batch, args.seq)
+    else:
+        batch = synthetic_batch(cfg.vocab_size, args.batch, args.seq)
+    tokens, real_tokens = args.batch * args.seq, int(batch["attention_mask"].sum())
+    print(f"SmolLM2: {cfg.num_params:,} params, {cfg.num_hidden_layers} layers; batch {args.batch} x {args.seq} "
+          f"({args.data}: {real_tokens} real tokens of {tokens})", flush=True)
+    runtimes = {d: make_runtime(d) for d in args.devices} if "jax" in args.frameworks else {}
+    torch_base = torch_model(cfg, params, args.threads) if "torch" in args.frameworks else None
+
+    print(f"setup (loading, tokenizing, building the PyTorch model): {time.perf_counter() - t_start:.0f} s",
+          flush=True)
+
+    def phase_fns(phase):
+        """{run name: blocking no-argument function} of a phase: ours per dtype (and device count), then PyTorch."""
+        fns = {}
+        for dtype in args.dtypes:
+            for d, rt in runtimes.items():
+                name = f"jax/{DTYPES[dtype]}" + (f"/{d}dev" if len(runtimes) > 1 else "")
+                c = cfg.replace(dtype=dtype)
+                fns[name] = (jax_features(c, params, batch, args.layer, rt) if phase == "features" else
+                             jax_train_step(c, params, batch, rt))
+            if torch_base is not None:
+                fns[f"torch/{DTYPES[dtype]}"] = (
+                    torch_features(torch_base, batch, args.layer, dtype) if phase == "features" else
+                    torch_train_step(copy.deepcopy(torch_base), batch, dtype))  # each optimizer trains its own copy
+        return fns
+
+    phases = {}
+    for phase in args.phases:
+        t0 = time.perf_counter()
+        runs = run_phase(phase_fns(phase), args.warmup, args.rounds, tokens, real_tokens)
+        res = phases[phase] = {"runs": runs, "speedup": speedups(runs)}
+        if phase == "features":
+            res["max_rel_diff_vs_torch"] = feature_agreement(runs)
+        for r in runs.values():
+            out = r.pop("last_output")
+            if isinstance(out, float):
+                r["last_loss"] = out
+        res["phase_s"] = time.perf_counter() - t0
+        print(f"{phase}: {res['phase_s']:.0f} s (compilation and warm-up included)", flush=True)
+    result = {"benchmark": "bench/smollm2.py", "command": " ".join(["python"] + sys.argv), "machine": info,
+              "malloc_retained": retained, "args": vars(args),
+              "model": {"path": str(path), "params": cfg.num_params, "layers": cfg.num_hidden_layers,
+                        "hidden": cfg.hidden_size},
+              "batch": {"rows": args.batch, "seq": args.seq, "tokens": tokens, "real_tokens": real_tokens,
+                        "data": args.data},
+              "total_s": time.perf_counter() - t_start, "load_avg_before": load_before,
+              "load_avg_after": os.getloadavg(), "target": TARGET, "phases": phases}
+    print()
+    print(format_table(phases))
+    for phase, res in phases.items():
+        for name, sp in res["speedup"].items():
+            if sp.get("same_dtype"):
+                verdict = "meets" if sp["same_dtype"] >= TARGET else "below"
+                print(f"{phase} {name}: {sp['same_dtype']:.2f}x PyTorch in the same dtype ({verdict} {TARGET}x)")
+    if "features" in phases:
+        diffs = phases["features"]["max_rel_diff_vs_torch"]
+        print("features, max |ours - torch| / max |torch|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    la, lb = result["load_avg_after"], load_before
+    print(f"load average (1, 5, 15 min): before {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}, after {la[0]:.2f} {la[1]:.2f} "
+          f"{la[2]:.2f}")
+    text = json.dumps(result, default=lambda x: x.tolist() if isinstance(x, np.ndarray) else str(x))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""bench/smollm2.py compares like with like: on a tiny GQA model with tied embeddings (SmolLM2's shape of model),
+its PyTorch feature extraction and classify train step compute what ours do, from the same weights."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+
+from bench import smollm2
+from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+CFG = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, rope_theta=1e5)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = nn.meta.unbox(LlamaForCausalLM(CFG).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+    params = jax.tree.map(np.asarray, params)
+    batch = smollm2.synthetic_batch(CFG.vocab_size, 4, 16)
+    batch["attention_mask"][1:, 11:] = 0  # right padding, as collate pads real prompts
+    batch["input_ids"][1:, 11:] = 0
+    batch["last_index"][1:] = 10
+    return params, batch, smollm2.make_runtime(2)
+
+
+def test_features_match(setup):
+    params, batch, runtime = setup
+    ours = smollm2.jax_features(CFG, params, batch, -1, runtime)()
+    theirs = smollm2.torch_features(smollm2.torch_model(CFG, params, torch.get_num_threads()), batch, -1, "float32")()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_train_steps_match(setup):
+    params, batch, runtime = setup
+    ours = smollm2.jax_train_step(CFG, params, batch, runtime)
+    theirs = smollm2.torch_train_step(smollm2.torch_model(CFG, params, torch.get_num_threads()), batch, "float32")
+    losses = np.array([[ours(), theirs()] for _ in range(3)])
+    assert losses[0, 0] == pytest.approx(np.log(2), abs=1e-6)  # zero-initialised head
+    np.testing.assert_allclose(losses[:, 0], losses[:, 1], rtol=1e-4)
+    assert losses[2, 0] < losses[0, 0]
+
+
+def test_quick_defaults():
+    args = smollm2.parse_args(["--quick", "--threads=2", "--seq=32"])
+    assert (args.batch, args.rounds, args.seq, args.devices) == (4, 1, 32, [2])
+    assert smollm2.parse_args(["--quick", "--batch=8", "--threads=2"]).batch == 8
