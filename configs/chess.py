@@ -4,12 +4,18 @@ Presets (`--config=configs/chess.py:<preset>`):
   tiny    (default) a ladder of three LLaMA-architecture models pretrained here on engine games (disjoint from
           every puzzle's game), then weak/strong ground truth, naive weak-to-strong, logconf, and the bootstrapping
           chain weak -> mid -> strong. Runs on a laptop CPU.
+  ladder  the tiny ladder pretrained once, much longer (launch/pretrain_ladder.py; docs/CHESS_LADDER.md), loaded from
+          the shipped checkpoints in data/chess/ladder (`source='hf'`, their tokenizer): only finetuning runs here.
   smoke   the same pipeline at toy size (tests, CI).
   llama1  LLaMA-1 7B weak / 13B strong from Hugging Face checkpoint paths, sharded for TPU/GPU.
   llama2  LLaMA-2 7B weak / 13B strong, likewise.
 """
+import os
+
 from configs.base import get_base_config, model
 from w2s_jax.data.chess import default_task_config
+
+LADDER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "chess", "ladder")
 
 
 def get_config(preset: str = "tiny"):
@@ -31,6 +37,15 @@ def get_config(preset: str = "tiny"):
         # Blocks as long as the longest prompt + candidates, so that finetuning never meets unseen positions.
         c.task.max_len = 384
         c.pretrain.update(steps=200, batch_size=16, seq_len=384, lr=3e-3, warmup_steps=20)
+        c.train.group_by_length = 8
+    elif preset == "ladder":
+        # The tiny presets pretrained by `launch/pretrain_ladder.py` for 200 / 600 / 1000 steps (weak / mid / strong),
+        # so that the rungs differ in compute; docs/CHESS_LADDER.md has the command and the measured gap.
+        c.models.weak = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "weak"), lr=1e-3)
+        c.models.mid = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "mid"), lr=7e-4)
+        c.models.strong = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "strong"), lr=5e-4)
+        c.tokenizer.source = "model"
+        c.task.max_len = 384
         c.train.group_by_length = 8
     elif preset == "smoke":
         c.task.n_train, c.task.n_test, c.task.max_corpus_games = 256, 64, 400
@@ -55,5 +70,5 @@ def get_config(preset: str = "tiny"):
         c.task.update(n_train=100_000, n_test=5_000)
         c.preset_family = preset
     else:
-        raise ValueError(f"unknown chess preset {preset!r}: expected tiny, smoke, llama1 or llama2")
+        raise ValueError(f"unknown chess preset {preset!r}: expected tiny, ladder, smoke, llama1 or llama2")
     return c

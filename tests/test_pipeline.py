@@ -110,3 +110,13 @@ def test_pair_examples_chain_step_needs_a_chain():
     cfg.experiment.update(pair_examples="chain_step", chains="")
     with pytest.raises(ValueError, match="experiment.chains is empty"):
         pipeline.validate_config(cfg)
+
+
+def test_the_shipped_chess_ladder_loads_as_hf_checkpoints():
+    """configs/chess.py:ladder: the checkpoints in data/chess/ladder validate, and the rungs grow in size."""
+    cfg = chess_config.get_config("ladder")
+    pipeline.validate_config(cfg)
+    from w2s_jax.models import convert
+    sizes = [convert.checkpoint_config(cfg.models[m].checkpoint).num_non_embedding_params
+             for m in ("weak", "mid", "strong")]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
