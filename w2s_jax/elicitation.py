@@ -16,22 +16,26 @@ from w2s_jax import train as train_lib
 METHODS = ("probe", "finetune_probe", "genft", "zero_shot", "few_shot")
 
 
-def _accepts(exp):
-    return [e.get("accept", [e["label"]]) for e in exp.test]
-
-
-def model_features(exp, model: str, split: str, examples: list[dict], enc: list[dict]) -> np.ndarray:
-    """Frozen features of a (pretrained, not finetuned) model at its probe layer, cached in the workdir (shared by
-    the seeds) under a name holding the digests of the weights and of the examples, so a changed input never
-    reuses stale features."""
+def model_features(exp, model: str) -> dict[str, np.ndarray]:
+    """Frozen features of a (pretrained, not finetuned) model at its probe layer for the training pool and the test
+    set, cached in the workdir (shared by the seeds) under names holding the digests of the weights and of the
+    examples, so a changed input never reuses stale features. The model is loaded once, only if a file is missing."""
     layer = exp.feature_layer(model)
-    key = f"{exp.model_digest(model)[:8]}_{exp.examples_digest(examples)[:8]}"
-    path = os.path.join(exp.root, "features", f"{model}_layer{layer}_{split}_{key}.npy")
+    splits = {"train": (exp.train, exp.enc["train"]), "test": (exp.test, exp.enc["test"])}
+    loaded = []
 
-    def compute():
-        lcfg, lm = exp.load_model(model)
+    def compute(enc):
+        if not loaded:
+            loaded.append(exp.load_model(model))
+        lcfg, lm = loaded[0]
         return probe.extract_features(lcfg, lm, enc, layer, exp.runtime, exp.cfg.eval.batch_size)
-    return probe.cached_features(path, compute)
+
+    out = {}
+    for split, (examples, enc) in splits.items():
+        key = f"{exp.model_digest(model)[:8]}_{exp.examples_digest(examples)[:8]}"
+        path = os.path.join(exp.root, "features", f"{model}_layer{layer}_{split}_{key}.npy")
+        out[split] = probe.cached_features(path, lambda: compute(enc))
+    return out
 
 
 def _fit_probe(exp, feats, targets):

@@ -292,6 +292,7 @@ class Experiment:
         self.derived: dict[str, str] = {}  # models made by a stage (generative finetuning): name -> HF directory
         self.digests: dict[str, str] = {}  # input digests: "model:<name>", "tokenizer", "test", ...
         self._configs: dict[str, object] = {}  # checkpoint path -> LlamaConfig
+        self._features: dict[str, dict] = {}  # model -> frozen features {"train": pool, "test": test set}
         os.makedirs(workdir, exist_ok=True)
         # Checkpoint paths, with shipped assets ('asset:smollm2') fetched into the asset cache when first needed.
         self.checkpoints = {name: resolve_checkpoint(m.checkpoint) for name, m in cfg.models.items()
@@ -305,7 +306,10 @@ class Experiment:
         """Make `seed` current: its folder (seed<N>/ when there are several) and its halves of the training data."""
         self.seed = seed
         self.workdir = self.root if self.seeds == [seed] else os.path.join(self.root, f"seed{seed}")
+        # Models derived within a seed (generative finetuning) differ between seeds: forget their digests.
         self.derived = {}
+        self.digests = {k: v for k, v in self.digests.items() if "+" not in k}
+        self._features = {k: v for k, v in self._features.items() if "+" not in k}
         idx_a, idx_b = split_halves(self.train, seed)
         self.idx = {"A": idx_a, "B": idx_b}
         self.half_a, self.half_b = [self.train[i] for i in idx_a], [self.train[i] for i in idx_b]
@@ -553,10 +557,10 @@ class Experiment:
         """Frozen features of `model` for the examples of a split ('A', 'B', 'test'), computed once for the whole
         training pool (cached on disk), so every seed's halves are rows of the same array."""
         from w2s_jax import elicitation
-        if split == "test":
-            return elicitation.model_features(self, model, "test", self.test, self.enc["test"])
-        pool = elicitation.model_features(self, model, "train", self.train, self.enc["train"])
-        return pool[self.idx[split]]
+        if model not in self._features:  # read (or computed) once a run, not once a probe
+            self._features[model] = elicitation.model_features(self, model)
+        feats = self._features[model]
+        return feats["test"] if split == "test" else feats["train"][self.idx[split]]
 
     def _probe_and_predict(self, run, model, train_split, train_idx, targets, label_sets, val, val_kind) -> dict:
         """`train.method='probe'`: a logistic-regression probe on the model's frozen features instead of
