@@ -84,3 +84,29 @@ def test_rejects_bad_arguments():
         train_tokenizer(["a b"], vocab_size=100)
     with pytest.raises(ValueError, match="no texts"):
         train_tokenizer([], vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def san_tokenizer(corpus):
+    return train_tokenizer(corpus, vocab_size=800, split="san")
+
+
+def test_san_split_gives_moves_in_parts(san_tokenizer):
+    text = "1. e4 1... d5 2. exd5 2... Qxd5 3. Nc3 3... Qe5+ 4. Nge2"
+    tokens = san_tokenizer.convert_ids_to_tokens(san_tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert tokens == ["1.", "Ġ", "e4", "Ġ1...", "Ġ", "d5", "Ġ2.", "Ġex", "d5", "Ġ2...", "ĠQx", "d5", "Ġ3.", "ĠN",
+                      "c3", "Ġ3...", "ĠQ", "e5", "+", "Ġ4.", "ĠNg", "e2"]
+    # what a merge may cover (rare parts such as " O-O-O" need not have become one token in this small corpus)
+    pieces = san_tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(" O-O-O 5. d8=Q# 5... R1xe2")
+    assert [p for p, _ in pieces] == ["ĠO-O-O", "Ġ5.", "Ġ", "d8", "=Q", "#", "Ġ5...", "ĠR1x", "e2"]
+    # the square that was moved to is the same token as the square a capture lands on
+    assert san_tokenizer(" Nd5", add_special_tokens=False)["input_ids"][-1] == \
+        san_tokenizer(" exd5", add_special_tokens=False)["input_ids"][-1]
+    assert len(san_tokenizer) < 800  # the merges run out: the parts are few
+    for text in ENGLISH + [CHESS, "rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq - 0 1"]:
+        assert san_tokenizer.decode(san_tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_unknown_split_is_named(corpus):
+    with pytest.raises(ValueError, match="split='chars'"):
+        train_tokenizer(corpus, vocab_size=800, split="chars")

@@ -157,6 +157,9 @@ def validate_config(cfg) -> None:
                         f"train.microbatches={cfg.train.microbatches}")
     if cfg.tokenizer.source == "train" and any(m.source == "hf" for m in cfg.models.values()):
         problems.append("tokenizer.source='train' cannot serve HF checkpoints; use tokenizer.source='model'")
+    from w2s_jax.data.tokenization import SPLIT_PATTERNS
+    if cfg.tokenizer.get("split", "word") not in SPLIT_PATTERNS:
+        problems.append(f"tokenizer.split={cfg.tokenizer.split!r}: expected one of {', '.join(SPLIT_PATTERNS)}")
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -441,11 +444,11 @@ class Experiment:
         from transformers import AutoTokenizer
         out = os.path.join(self.root, "tokenizer")
         texts = self.corpus + [c for ex in self.train for c in ex["candidates"]]
-        spec = {"tokenizer.vocab_size": tcfg.vocab_size, "texts": fingerprint.digest(texts)}
+        spec = {"tokenizer.vocab_size": tcfg.vocab_size, "tokenizer.split": tcfg.split, "texts": fingerprint.digest(texts)}
         self.open_stage(out, spec)
         if not os.path.isfile(os.path.join(out, "tokenizer.json")):
             from w2s_jax.data import tokenization
-            tokenization.train_tokenizer(texts, tcfg.vocab_size, out if self.is_main else None)
+            tokenization.train_tokenizer(texts, tcfg.vocab_size, out if self.is_main else None, split=tcfg.split)
             train_lib.barrier("tokenizer")
         self.digests["tokenizer"] = fingerprint.file_digest(out)
         return AutoTokenizer.from_pretrained(out)

@@ -5,9 +5,12 @@ the code treats it like any Hugging Face tokenizer. Special tokens: `<pad>` = 0,
 `<unk>` = 3. Like LLaMA's tokenizer, encoding with `add_special_tokens=True` (the default) prepends `<bos>`;
 nothing is appended.
 
-Pre-tokenization splits on whitespace only, keeping the leading space with the word (`" Nf3"`, `" 27..."`), so
-a merge can cover a whole SAN move with its leading space; GPT-2's regex would split `" Rxe7+"` into letters,
-digits and punctuation and no move could become one token.
+Pre-tokenization (`split`) decides what a merge may cover:
+  "word": whitespace only, keeping the leading space with the word (`" Nf3"`, `" 27..."`), so a merge can cover a
+          whole SAN move; GPT-2's regex would split `" Rxe7+"` into letters, digits and punctuation.
+  "san":  a SAN move in parts: what moves (piece, disambiguation, capture mark, with the leading space), the
+          destination square, a promotion, the check or mate mark (`" Rx" "e7" "+"`). A square is then one token
+          wherever it occurs, and `x`, `+`, `#` are visible in every move instead of hidden inside 2,000 atoms.
 """
 from pathlib import Path
 
@@ -15,13 +18,18 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
-WORD_PATTERN = r" ?\S+|\s+"  # a word with its leading space, or a run of whitespace
+SPLIT_PATTERNS = {
+    "word": r" ?\S+|\s+",  # a word with its leading space, or a run of whitespace
+    # move number; castling; a square; what moves to it (lookahead: a square follows); promotion; check/mate; else
+    # one character (FEN, results, prose) with its leading space.
+    "san": r" ?\d+\.(?:\.\.)?| ?O-O-O| ?O-O|[a-h][1-8]| ?[KQRBN]?[a-h]?[1-8]?x?(?=[a-h][1-8])|=[QRBN]|[+#]| ?\S|\s+",
+}
 
 
-def _byte_level_bpe(vocab_size, min_frequency):
+def _byte_level_bpe(vocab_size, min_frequency, split):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(SPLIT_PATTERNS[split]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
@@ -31,8 +39,10 @@ def _byte_level_bpe(vocab_size, min_frequency):
     return tokenizer, trainer
 
 
-def train_tokenizer(texts, vocab_size, out_dir=None, min_frequency=2):
-    """Trains a byte-level BPE of `vocab_size` tokens (at least the 4 specials + 256 bytes) on `texts`.
+def train_tokenizer(texts, vocab_size, out_dir=None, min_frequency=2, split="word"):
+    """Trains a byte-level BPE of at most `vocab_size` tokens (at least the 4 specials + 256 bytes) on `texts`.
+
+    With `split="san"` the merges run out long before a large `vocab_size`: the vocabulary is what the parts allow.
 
     Deterministic: the same texts give the same vocabulary and merges. When `out_dir` is given the tokenizer is
     saved there with `save_pretrained` (load it back with `transformers.AutoTokenizer.from_pretrained`).
@@ -43,7 +53,9 @@ def train_tokenizer(texts, vocab_size, out_dir=None, min_frequency=2):
     floor = len(SPECIAL_TOKENS) + 256
     if vocab_size < floor:
         raise ValueError(f"train_tokenizer: vocab_size={vocab_size} is below {floor} (4 specials + 256 bytes)")
-    tokenizer, trainer = _byte_level_bpe(vocab_size, min_frequency)
+    if split not in SPLIT_PATTERNS:
+        raise ValueError(f"train_tokenizer: split={split!r}; expected one of {sorted(SPLIT_PATTERNS)}")
+    tokenizer, trainer = _byte_level_bpe(vocab_size, min_frequency, split)
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
     bos = tokenizer.token_to_id("<bos>")
     tokenizer.post_processor = processors.TemplateProcessing(
