@@ -160,6 +160,18 @@ def test_intervals_seeds_and_provenance_are_printed():
     assert "| tiny | small | xent | none | 0.580 | n/a† (gap in noise) |" in md
 
 
+def test_the_gap_under_each_pgr_is_listed_once_per_pair():
+    results = copy.deepcopy(RESULTS)
+    for name, gap, ci in [("tiny_base_xent", 0.2, [0.15, 0.26]), ("tiny_base_logconf", 0.2, [0.15, 0.26]),
+                          ("small_base_xent", 0.1, [0.04, 0.17])]:
+        run = next(r for r in results["runs"] if r["name"] == name)
+        run.update(weak_run="gt_" + name.split("_")[0], ceiling_run="gt_base", gap=gap, gap_ci=ci)
+    md = report.results_markdown(results)
+    section = md.split("## Capability gaps\n\n")[1].split("\n\n")[0]
+    assert section.splitlines()[2:] == ["| tiny | base | 0.200 [0.150, 0.260] |", "| small | base | 0.100 [0.040, 0.170] |"]
+    assert "Capability gaps" not in report.results_markdown(RESULTS)  # no gap recorded, no section
+
+
 def test_chains_count_by_their_final_step_in_the_median():
     results = copy.deepcopy(RESULTS)
     results["runs"] += [

@@ -214,6 +214,22 @@ def _student_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _gap_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The capability gap under each PGR: ceiling - weak on the same test examples, paired over seeds and test
+    clusters (the interval that decides whether PGR is defined), once per weak/ceiling pair."""
+    headers = ["weak", "ceiling", "ceiling - weak [95% CI, paired]"]
+    model_of = {r["name"]: r["model"] for r in ground_truth_runs(results)}
+    rows, seen = [], set()
+    for r in student_runs(results):
+        pair = (r.get("weak_run"), r.get("ceiling_run"))
+        if r.get("gap") is None or pair in seen:
+            continue
+        seen.add(pair)
+        rows.append([model_of.get(pair[0], str(pair[0])), model_of.get(pair[1], str(pair[1])),
+                     format_interval(r, "gap")])
+    return headers, rows
+
+
 def median_pgr_by_method(results: dict[str, Any]) -> list[tuple[str, str, int, int, float | None]]:
     """(method, early stopping, pairs with a defined PGR, pairs, median PGR) per method and early stopping. A
     chain counts by its final step; its intermediate steps are students of the chain, not pairs of their own."""
@@ -291,6 +307,8 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[
     sections = [("Trained on ground truth", _ground_truth_rows(results))]
     if student_runs(results):
         sections.append(("Weak-to-strong students", _student_rows(results)))
+        if _gap_rows(results)[1]:
+            sections.append(("Capability gaps", _gap_rows(results)))
         sections.append(("Median PGR per method", _summary_rows(results)))
     return sections
 
