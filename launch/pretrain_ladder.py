@@ -1,9 +1,10 @@
 """Pretrain the chess ladder once and write it as small Hugging Face checkpoints (config, weights, tokenizer).
 
-    python launch/pretrain_ladder.py --out data/chess/ladder --steps weak=200,mid=600,strong=1000
+    python launch/pretrain_ladder.py --out data/chess/ladder
 
 It runs the pipeline's own stages (task data -> byte-level BPE tokenizer -> `Experiment.ensure_model` per model) from
-`configs/chess.py:<--preset>` in `--workdir` (a stopped run resumes there), then copies `<workdir>/models/<name>` to
+`configs/chess.py:<--preset>` (default `ladder_scratch`: its models, steps, tokenizer and corpus) in `--workdir` (a
+stopped run resumes there), then copies `<workdir>/models/<name>` to
 `<out>/<name>` and writes `<out>/manifest.json`: the steps, seed, corpus and tokenizer digests, parameter counts and
 wall times. `configs/chess.py:ladder` loads the result (`source='hf'`, `tokenizer.source='model'`) and only
 finetunes. Every model shares the tokenizer that was trained on the corpus and the training puzzles' candidates.
@@ -33,8 +34,9 @@ def parse_steps(spec: str) -> dict[str, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for <name>/ checkpoints and manifest.json")
-    ap.add_argument("--preset", default="tiny", help="configs/chess.py preset whose models are pretrained")
-    ap.add_argument("--steps", default="", help="per-model pretraining steps, e.g. weak=200,mid=600,strong=1000")
+    ap.add_argument("--preset", default="ladder_scratch", help="configs/chess.py preset whose models are pretrained")
+    ap.add_argument("--steps", default="", help="per-model pretraining steps overriding the preset's, e.g. "
+                    "weak=5,mid=5,strong=5")
     ap.add_argument("--seed", type=int, default=0, help="config.seed: initialisation and data order")
     ap.add_argument("--workdir", default="/tmp/w2s_pretrain_ladder")
     args = ap.parse_args(argv)
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
     exp.prepare_data()
     manifest = {"command": "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
                 "preset": args.preset, "seed": args.seed, "pretrain": cfg.pretrain.to_dict(),
+                "tokenizer_split": cfg.tokenizer.split,
                 "corpus_games": len(exp.corpus), "corpus": fingerprint.digest(exp.corpus),
                 "tokenizer": exp.digests["tokenizer"], "data_seconds": round(time.time() - t0, 1), "models": {}}
     os.makedirs(args.out, exist_ok=True)
