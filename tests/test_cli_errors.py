@@ -51,8 +51,8 @@ CASES = {
                        f"--config=configs/nope.py: no such file (relative paths start in {REPO}); the configs are "
                        f"{CONFIGS}"),
     "unknown_preset": (["--config=configs/chess.py:bogus"], {},
-                       "--config=configs/chess.py:bogus: unknown chess preset 'bogus': expected tiny, ladder, smoke, "
-                       "llama1 or llama2"),
+                       "--config=configs/chess.py:bogus: unknown chess preset 'bogus': expected ladder, "
+                       "ladder_scratch, tiny, smoke, llama1 or llama2"),
     "unknown_nlp_preset": (["--config=configs/sciq.py:bogus"], {},
                            "--config=configs/sciq.py:bogus: unknown preset 'bogus' for sciq: expected smoke, tiny or "
                            "llama2"),

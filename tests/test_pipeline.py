@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs import chess as chess_config, sciq as sciq_config
-from w2s_jax import pipeline
+from w2s_jax import fingerprint, pipeline
 
 
 def _examples(sizes):
@@ -105,6 +105,13 @@ def test_bad_experiment_settings_are_refused(key, value, message):
         pipeline.validate_config(cfg)
 
 
+def test_unknown_tokenizer_split_is_refused():
+    cfg = chess_config.get_config("smoke")
+    cfg.tokenizer.split = "chars"
+    with pytest.raises(ValueError, match="tokenizer.split='chars': expected one of word, san"):
+        pipeline.validate_config(cfg)
+
+
 def test_pair_examples_chain_step_needs_a_chain():
     cfg = chess_config.get_config("smoke")
     cfg.experiment.update(pair_examples="chain_step", chains="")
@@ -112,11 +119,21 @@ def test_pair_examples_chain_step_needs_a_chain():
         pipeline.validate_config(cfg)
 
 
-def test_the_shipped_chess_ladder_loads_as_hf_checkpoints():
-    """configs/chess.py:ladder: the checkpoints in data/chess/ladder validate, and the rungs grow in size."""
-    cfg = chess_config.get_config("ladder")
-    pipeline.validate_config(cfg)
+def test_the_shipped_chess_ladder_is_what_its_recipe_makes():
+    """configs/chess.py:ladder: the checkpoints in data/chess/ladder validate, the rungs grow in size, and the
+    manifest says they came from `ladder_scratch` (its steps, tokenizer split and corpus)."""
+    from w2s_jax.data import chess as chess_data
     from w2s_jax.models import convert
+    cfg, recipe = chess_config.get_config("ladder"), chess_config.get_config("ladder_scratch")
+    pipeline.validate_config(cfg)
     sizes = [convert.checkpoint_config(cfg.models[m].checkpoint).num_non_embedding_params
              for m in ("weak", "mid", "strong")]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    with open(os.path.join(chess_config.LADDER_DIR, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["preset"] == "ladder_scratch" and manifest["tokenizer_split"] == recipe.tokenizer.split == "san"
+    assert {m: manifest["models"][m]["steps"] for m in recipe.models} == {
+        m: recipe.models[m].pretrain_steps for m in recipe.models}
+    assert manifest["corpus"] == fingerprint.digest(chess_data.read_corpus(recipe.task.corpus_path))
+    tokenizer = convert.load_tokenizer(cfg.models.strong.checkpoint)
+    assert tokenizer.tokenize(" Nxf7+") == ["ĠNx", "f7", "+"]
