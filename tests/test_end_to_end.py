@@ -176,8 +176,9 @@ def test_chess_smoke_end_to_end_with_seeds_and_fingerprints(tmp_path):
 
 
 def test_sentiment_smoke_on_the_real_smollm2_and_real_labels(tmp_path):
-    """The real-model config at smoke size: SmolLM2 from its GGUF (cut to 1 and 2 layers), human-labelled movie
-    snippets, probes on frozen features, two seeds, the random-flip control."""
+    """The real-model config at smoke size: a micro LLaMA pretrained on the unrated train-side sentences, SmolLM2
+    from its GGUF (cut to 1 and 2 layers), human-labelled movie snippets, probes on frozen features, two seeds, the
+    random-flip control."""
     from w2s_jax import assets
     if not (assets.is_cached(assets.SMOLLM2) and assets.is_cached(assets.SENTIMENT)):
         pytest.skip("the assets are not cached: python -m w2s_jax.assets all")
@@ -185,9 +186,11 @@ def test_sentiment_smoke_on_the_real_smollm2_and_real_labels(tmp_path):
     run_main("--config=configs/sentiment.py:smoke", f"--workdir={workdir}")
     results = check_results_consistent(workdir)
     by_name = {r["name"]: r for r in results["runs"]}
-    assert {"gt_weak", "gt_strong", "w2s_weak_to_strong_xent", "control_weak_to_strong_random_flips"} <= set(by_name)
+    assert {"gt_weak", "gt_strong", "w2s_weak_to_strong_xent", "control_weak_to_strong_random_flips",
+            "gt_scratch", "w2s_scratch_to_strong_xent"} <= set(by_name)
     assert results["models"]["weak"]["non_embedding_params"] < results["models"]["strong"]["non_embedding_params"]
     assert 0.0 <= by_name["w2s_weak_to_strong_xent"]["ceiling_agreement"] <= 1.0
     assert any("rated snippets" in note for note in results["notes"])
+    assert any("pretraining corpus:" in note for note in results["notes"])  # the scratch model's, no test text
     with open(os.path.join(workdir, "seed0", "runs", "gt_weak", "result.json")) as f:
         assert json.load(f)["method"] == "probe"

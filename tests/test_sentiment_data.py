@@ -72,6 +72,19 @@ def test_test_split_is_whole_documents_and_independent_of_seed_and_margin(data_d
     assert [e["id"] for e in runs[0]["train"]] != [e["id"] for e in runs[1]["train"]]  # the seed orders the pool
 
 
+def test_pretraining_corpus_is_the_train_side_without_ratings(data_dir):
+    data = load(data_dir, corpus_sources="amazon,movie")
+    test_texts = {t for e in load(data_dir, sources="amazon,movie", margin=0.0, balance=False)["test"]
+                  for t in [e["prompt"].split("Review: ")[1].split("\n")[0]]}
+    corpus = data["corpus"]
+    assert len(corpus) == len(set(corpus)) and not set(corpus) & test_texts
+    # every snippet is on one side: the corpus and the test pools (ambiguous ones included) cover both files
+    assert len(corpus) + len(test_texts) == len(AMAZON) + len(MOVIE)
+    assert "review 1 sentence 1 & more" in corpus or "review 1 sentence 1 & more" in test_texts
+    assert "pretraining corpus:" in data["notes"][-1]
+    assert "corpus" not in load(data_dir)  # without corpus_sources the pipeline pretrains on the prompts
+
+
 def test_same_config_gives_identical_examples(data_dir):
     assert load(data_dir, seed=3) == load(data_dir, seed=3)
 

@@ -21,7 +21,9 @@ Loading order (`load_sentiment_task`), for each source file:
   3. drop ambiguous snippets (|rating| < margin) on both sides, counting them.
 Then over all chosen sources: the test pool is visited in a `SPLIT_SEED` permutation and the train pool in a
 `seed` permutation; each is balanced to 50/50 (if `balance`) and cut to `n_test` / `n_train` (0 = all). The
-pipeline then splits the train examples in halves per run seed.
+pipeline then splits the train examples in halves per run seed. With `corpus_sources`, the texts of every snippet
+on the train side of those files (rated or ambiguous, without the ratings) are the pretraining corpus of the models
+pretrained here: no test document is in it.
 
 Ids are `"{name}/{source}/{snippet id}"`: one id names one line of one file under every seed and option.
 """
@@ -71,6 +73,8 @@ def default_task_config() -> ml_collections.ConfigDict:
         seed=0,                          # order of the train pool, so which examples n_train keeps (never the test)
         scoring="classify",              # how candidates are scored (docs/CONTRACTS.md)
         max_len=160,                     # longest prompt in tokens; longer examples are dropped by the pipeline
+        corpus_sources="",               # unlabelled pretraining text for `source='pretrain'` models: the train side
+                                         # of these files (ratings unused, never a test document); "" = none
     ))
 
 
@@ -227,9 +231,24 @@ def load_sentiment_task(task_cfg) -> dict:
             f"|rating| < {cfg.margin} and {counts['repeated_texts']} repeated texts; kept {counts['train']} train "
             f"(of a pool of {counts['train_pool']}) and {counts['test']} test (of {counts['test_pool']})")
     log.info(note)
-    return {"train": [_example(cfg, s) for s in chosen["train"]],
+    data = {"train": [_example(cfg, s) for s in chosen["train"]],
             "test": [_example(cfg, s) for s in chosen["test"]],
             "notes": [note], "counts": counts}
+    if cfg.corpus_sources:
+        data["corpus"] = pretraining_corpus(folder, cfg.corpus_sources, cfg.test_fraction)
+        data["notes"].append(f"pretraining corpus: {len(data['corpus'])} unrated sentences of the train side of "
+                             f"{cfg.corpus_sources} (no test document)")
+    return data
+
+
+def pretraining_corpus(folder: Path, sources: str, test_fraction: float) -> list[str]:
+    """The texts of every snippet on the train side of each source, ambiguous ones too: text without ratings."""
+    texts = []
+    for source in parse_sources(sources):
+        snippets, _ = read_snippets(folder / SOURCES[source], source)
+        train, _ = split_by_document(snippets, test_fraction)
+        texts.extend(s.text for s in train)
+    return texts
 
 
 def snippets_to_jsonl(src: str | os.PathLike, dst: str | os.PathLike, margin: float = 0.5) -> dict:
