@@ -9,18 +9,17 @@ Presets (`--config=configs/sentiment.py:<preset>`):
            (early exits, probed at their last layer); strong = the whole SmolLM2 probed at layer 20. Ground truth,
            the pairs scratch->strong, weak->strong and mid->strong, the chain weak->mid->strong, a control of
            random label flips at each supervisor's error rate; 5 seeds.
-  large    the same with every snippet the margin keeps, of all four files (about 14,600 train / 3,700 test;
-           feature extraction grows with them: not yet measured on 2 cores).
+  large    the same with every snippet the margin keeps, of all four files (about 14,600 train / 3,700 test).
   smoke    the same pipeline in seconds (tests): a micro scratch model, SmolLM2 cut to 1 and 2 layers, a hundred
            examples, 2 seeds.
 """
 from configs.base import get_base_config, model
+from w2s_jax.data.sentiment import default_task_config
 
 # A separately pretrained weak model, as in the paper (the early exits share SmolLM2's lower layers): the LM head
 # over SmolLM2's 49,152-token vocabulary is most of its cost, hence a narrow model and short blocks.
 SCRATCH = dict(source="pretrain", preset="tiny-m", pretrain_steps=400)
 PRETRAIN = dict(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20)
-from w2s_jax.data.sentiment import default_task_config
 
 
 def get_config(preset: str = "default"):
@@ -29,26 +28,25 @@ def get_config(preset: str = "default"):
     c.task = default_task_config()
     c.tokenizer.source = "model"
     c.model_defaults.update(dtype="float32", param_dtype="float32")
+    c.models.scratch = model(**SCRATCH)
     c.models.weak = model(source="hf", checkpoint="asset:smollm2", layers=2)
     c.models.mid = model(source="hf", checkpoint="asset:smollm2", layers=4)
     c.models.strong = model(source="hf", checkpoint="asset:smollm2", probe_layer=20)
     c.train.method = "probe"
     c.probe.update(l2=1e-2, lr=1e-2, epochs=100, batch_size=128, patience=10)
-    c.experiment.update(pairs="weak->strong,mid->strong", losses="xent", chains="weak->mid->strong",
+    c.task.corpus_sources = "all"  # the scratch model's pretraining text
+    c.pretrain.update(**PRETRAIN)
+    c.experiment.update(pairs="scratch->strong,weak->strong,mid->strong", losses="xent", chains="weak->mid->strong",
                         controls="random_flips", seeds="0,1,2,3,4")
     c.eval.batch_size = 32
     if preset == "default":
-        c.task.update(sources="movie", n_train=2400, n_test=1600, corpus_sources="all")
-        c.models.scratch = model(**SCRATCH)
-        c.pretrain.update(**PRETRAIN)
-        c.experiment.pairs = "scratch->strong,weak->strong,mid->strong"
+        c.task.update(sources="movie", n_train=2400, n_test=1600)
     elif preset == "large":
         c.task.update(sources="all", n_train=0, n_test=0)
     elif preset == "smoke":
         c.task.update(sources="movie", n_train=128, n_test=64, corpus_sources="movie")
         c.models.scratch = model(source="pretrain", preset="micro-s", pretrain_steps=3)
         c.pretrain.update(batch_size=4, seq_len=64, warmup_steps=1)
-        c.experiment.pairs = "scratch->strong,weak->strong,mid->strong"
         c.models.weak = model(source="hf", checkpoint="asset:smollm2", layers=1)
         c.models.mid = model(source="hf", checkpoint="asset:smollm2", layers=2)
         c.models.strong = model(source="hf", checkpoint="asset:smollm2", layers=3)
