@@ -6,7 +6,8 @@ Presets (`--config=configs/chess.py:<preset>`):
           data/chess/ladder and loaded as Hugging Face checkpoints: only finetuning runs here. Weak/strong ground
           truth, naive weak-to-strong, logconf and the bootstrapping chain weak -> mid -> strong, 3 seeds.
   ladder_scratch  the recipe of `ladder`: the same models pretrained here from scratch (what
-          launch/pretrain_ladder.py runs once; docs/CHESS_LADDER.md), then the same experiment.
+          launch/pretrain_ladder.py runs once; docs/CHESS_LADDER.md), then the experiment with 4,000 puzzles in
+          float32.
   tiny    three models pretrained here for 200 steps each with a whole-move BPE: no capability gap (PGR n/a).
   smoke   the same pipeline at toy size (tests, CI).
   llama1  LLaMA-1 7B weak / 13B strong from Hugging Face checkpoint paths, sharded for TPU/GPU.
@@ -40,29 +41,29 @@ def get_config(preset: str = "ladder"):
         c.task.max_len = 384
         c.pretrain.update(steps=200, batch_size=16, seq_len=384, lr=3e-3, warmup_steps=20)
         c.train.group_by_length = 8
-    elif preset == "ladder_scratch":
-        # Pretraining compute grows along the ladder (parameters x steps); the tokenizer keeps a move's parts apart
-        # (" Nx" "f7" "+"), so a square is one token wherever it occurs. Corpus: the tiny set's games and 6,000 more.
-        c.models.weak = model(preset="tiny-s", lr=1e-3, pretrain_steps=200)
-        c.models.mid = model(preset="tiny-m", lr=7e-4, pretrain_steps=800)
-        c.models.strong = model(preset="tiny-l", lr=5e-4, pretrain_steps=3000)
-        c.tokenizer.split = "san"
-        c.task.corpus_path = os.path.join(LADDER_DIR, "corpus.txt.gz")
+    elif preset in ("ladder", "ladder_scratch"):
+        if preset == "ladder":
+            # What launch/pretrain_ladder.py wrote from `ladder_scratch` (docs/CHESS_LADDER.md): only finetuning runs.
+            c.models.weak = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "weak"), lr=1e-3)
+            c.models.mid = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "mid"), lr=7e-4)
+            c.models.strong = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "strong"), lr=5e-4)
+            c.tokenizer.source = "model"
+            # 3 seeds in about 15 minutes on 2 cores: 1,200 + 1,200 training puzzles per seed, bfloat16 compute
+            # (float32 parameters and optimizer; measured: the same ground-truth accuracy, 13% faster).
+            c.task.n_train = 2400
+            c.model_defaults.dtype = "bfloat16"
+        else:
+            # Pretraining compute grows along the ladder (parameters x steps); the tokenizer keeps a move's parts
+            # apart (" Nx" "f7" "+"), so a square is one token wherever it occurs. Corpus: the tiny set's games and
+            # 6,000 more (launch/ladder_corpus.py). Float32 and all 4,000 training puzzles, as when the shipped
+            # ladder was made: the tokenizer is trained on the corpus and the training puzzles' candidates.
+            c.models.weak = model(preset="tiny-s", lr=1e-3, pretrain_steps=200)
+            c.models.mid = model(preset="tiny-m", lr=7e-4, pretrain_steps=800)
+            c.models.strong = model(preset="tiny-l", lr=5e-4, pretrain_steps=3000)
+            c.tokenizer.split = "san"
+            c.task.corpus_path = os.path.join(LADDER_DIR, "corpus.txt.gz")
+            c.pretrain.update(batch_size=16, seq_len=384, lr=3e-3, warmup_steps=20)
         c.task.max_len = 512
-        c.pretrain.update(batch_size=16, seq_len=384, lr=3e-3, warmup_steps=20)
-        c.train.group_by_length = 8
-        c.experiment.seeds = "0,1,2"
-    elif preset == "ladder":
-        # What launch/pretrain_ladder.py wrote from `ladder_scratch` (docs/CHESS_LADDER.md): only finetuning runs.
-        c.models.weak = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "weak"), lr=1e-3)
-        c.models.mid = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "mid"), lr=7e-4)
-        c.models.strong = model(source="hf", checkpoint=os.path.join(LADDER_DIR, "strong"), lr=5e-4)
-        c.tokenizer.source = "model"
-        c.task.max_len = 512
-        # 3 seeds in about 15 minutes on 2 cores: 1,200 + 1,200 training puzzles per seed, bfloat16 compute
-        # (float32 parameters and optimizer; measured: the same ground-truth accuracy, 13% faster; CHESS_LADDER.md).
-        c.task.n_train = 2400
-        c.model_defaults.dtype = "bfloat16"
         c.train.group_by_length = 8
         c.experiment.seeds = "0,1,2"
     elif preset == "smoke":
@@ -88,5 +89,6 @@ def get_config(preset: str = "ladder"):
         c.task.update(n_train=100_000, n_test=5_000)
         c.preset_family = preset
     else:
-        raise ValueError(f"unknown chess preset {preset!r}: expected ladder, ladder_scratch, tiny, smoke, llama1 or llama2")
+        raise ValueError(f"unknown chess preset {preset!r}: expected ladder, ladder_scratch, tiny, smoke, llama1 "
+                         "or llama2")
     return c

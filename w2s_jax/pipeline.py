@@ -444,7 +444,8 @@ class Experiment:
         from transformers import AutoTokenizer
         out = os.path.join(self.root, "tokenizer")
         texts = self.corpus + [c for ex in self.train for c in ex["candidates"]]
-        spec = {"tokenizer.vocab_size": tcfg.vocab_size, "tokenizer.split": tcfg.split, "texts": fingerprint.digest(texts)}
+        spec = {"tokenizer.vocab_size": tcfg.vocab_size, "tokenizer.split": tcfg.split,
+                "texts": fingerprint.digest(texts)}
         self.open_stage(out, spec)
         if not os.path.isfile(os.path.join(out, "tokenizer.json")):
             from w2s_jax.data import tokenization
