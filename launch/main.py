@@ -1,6 +1,6 @@
 """Run a weak-to-strong experiment from a config.
 
-    python launch/main.py --config=configs/chess.py                      # the tiny CPU default
+    python launch/main.py --config=configs/chess.py                      # the chess ladder (the CPU default)
     python launch/main.py --config=configs/chess.py:smoke --workdir=/tmp/w2s
     python launch/main.py --config=configs/chess.py:llama2 \\
         --config.models.weak.checkpoint=/ckpt/llama-2-7b-hf --config.models.strong.checkpoint=/ckpt/llama-2-13b-hf
