@@ -75,3 +75,25 @@ def test_curve_orders_rungs_by_compute_and_writes_the_plot(tmp_path, capsys):
     assert table[2] == "| weak | 300 (100) | 10 | 1,000 | 6.00e+05 | 0.300 [0.250, 0.350] | 0.29 / 0.31 |"
     assert table[3] == "| strong | 900 (500) | 30 | 3,000 | 9.00e+06 | 0.450 [0.400, 0.500] | 0.44 / 0.46 |"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrain_ladder_writes_loadable_checkpoints_and_a_manifest(tmp_path):
+    """launch/pretrain_ladder.py at toy size: the pipeline's own pretraining, copied out as HF checkpoints that a
+    `source='hf'` model loads, with the manifest that the shipped ladder's test reads."""
+    import subprocess
+    import sys
+
+    from w2s_jax.models import convert
+    out = tmp_path / "ladder"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain_ladder.py"), "--preset", "smoke",
+                           "--steps", "weak=2,mid=2,strong=3", "--out", str(out), "--workdir", str(tmp_path / "wd")],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preset"] == "smoke" and manifest["tokenizer_split"] == "word"
+    assert {m: manifest["models"][m]["steps"] for m in ("weak", "mid", "strong")} == {"weak": 2, "mid": 2,
+                                                                                      "strong": 3}
+    for name in ("weak", "mid", "strong"):
+        lcfg = convert.checkpoint_config(str(out / name))
+        assert lcfg.num_non_embedding_params == manifest["models"][name]["non_embedding_params"]
+        assert (out / name / "tokenizer.json").is_file() and not (out / name / "fingerprint.json").exists()
