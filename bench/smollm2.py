@@ -86,15 +86,7 @@ def parse_args(argv=None):
         for name, value in (("batch", 4), ("rounds", 1), ("warmup", 1)):
             if f"--{name}" not in given:
                 setattr(args, name, value)
-    for name in ("batch", "seq", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name}={getattr(args, name)}: must be at least 1")
-    if args.warmup < 0:
-        p.error(f"--warmup={args.warmup}: must be 0 or more")
-    try:
-        args.devices = sorted({int(d) for d in (args.devices or str(args.threads)).split(",") if d})
-    except ValueError:
-        p.error(f"--devices={args.devices!r}: expected comma-separated integers")
+    throughput.check_run_args(p, args, ("batch", "seq", "rounds"), args.devices or str(args.threads))
     bad = [d for d in args.devices if d < 1 or args.batch % d]
     if bad:
         p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")

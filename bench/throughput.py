@@ -55,15 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
                    help="override the preset's scan_layers for our model (default: the preset's)")
     args = p.parse_args(argv)
-    for name in ("seq", "batch", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name}={getattr(args, name)}: must be at least 1")
-    if args.warmup < 0:
-        p.error(f"--warmup={args.warmup}: must be 0 or more")
-    try:
-        args.devices = sorted({int(d) for d in args.devices.split(",") if d})
-    except ValueError:
-        p.error(f"--devices={args.devices!r}: expected comma-separated integers")
+    check_run_args(p, args, ("seq", "batch", "steps"), args.devices)
     for name in ("dtypes", "torch_dtypes"):
         values = [d for d in getattr(args, name).split(",") if d]
         unknown = sorted(set(values) - set(DTYPES))
@@ -268,6 +260,20 @@ def size_case(size: str, args):
     row = {"size": size, "params": cfg.num_params, "flops_per_token": flops_per_token(cfg, args.seq),
            "batch": args.batch, "seq": args.seq, "runs": {}}
     return row, cfg, random_blocks(cfg.vocab_size, args.batch, args.seq)
+
+
+def check_run_args(p: argparse.ArgumentParser, args, positive, devices: str) -> None:
+    """The checks every bench makes of its flags: sizes at least 1, --warmup 0 or more, and --devices (`devices`,
+    comma-separated) parsed into `args.devices`, sorted; a bad value is the parser's one-line error."""
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)}: must be at least 1")
+    if args.warmup < 0:
+        p.error(f"--warmup={args.warmup}: must be 0 or more")
+    try:
+        args.devices = sorted({int(d) for d in devices.split(",") if d})
+    except ValueError:
+        p.error(f"--devices={devices!r}: expected comma-separated integers")
 
 
 def main(argv=None) -> dict:

@@ -8,6 +8,7 @@ A game is dropped when it repeats an earlier one or starts with the game prefix 
 `--puzzles` (chess_gen.check_disjoint), so no pretraining game is a puzzle's game. Prints what it kept and dropped.
 """
 import argparse
+import itertools
 import os
 import sys
 
@@ -23,17 +24,15 @@ def build(puzzle_dir, extra_corpora):
     base = chess_data.read_corpus(chess_data.find_data_file(puzzle_dir, "corpus.txt"))
     puzzles = [p for name in ("train.csv", "test.csv")
                for p in chess_data.read_lichess_csv(chess_data.find_data_file(puzzle_dir, name), "raise")]
+    corpora = [base] + [chess_data.read_corpus(path) for path in extra_corpora]
     games, seen = [], set()
-    counts = {"base": len(base), "extra": 0, "repeats": 0, "puzzle_games": 0}
-    for corpus in [base] + [chess_data.read_corpus(path) for path in extra_corpora]:
-        if corpus is not base:
-            counts["extra"] += len(corpus)
-        for game in corpus:
-            if game in seen:
-                counts["repeats"] += 1
-                continue
-            seen.add(game)
-            games.append(game)
+    counts = {"base": len(base), "extra": sum(map(len, corpora[1:])), "repeats": 0, "puzzle_games": 0}
+    for game in itertools.chain.from_iterable(corpora):
+        if game in seen:
+            counts["repeats"] += 1
+            continue
+        seen.add(game)
+        games.append(game)
     overlapping = {index for index, _ in chess_gen.check_disjoint(games, puzzles)}
     counts["puzzle_games"] = len(overlapping)
     games = [g for i, g in enumerate(games) if i not in overlapping]
@@ -48,6 +47,9 @@ def main(argv=None):
                     help="puzzle set whose corpus comes first and whose games are kept out")
     ap.add_argument("extra", nargs="+", help="further corpus files (one numbered game per line)")
     args = ap.parse_args(argv)
+    missing = [path for path in args.extra if not os.path.isfile(path)]
+    if missing or not os.path.isdir(args.puzzles):
+        ap.error(f"no such file: {', '.join(missing)}" if missing else f"--puzzles={args.puzzles}: no such folder")
     games, counts = build(args.puzzles, args.extra)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with chess_data.open_text(args.out, "wt") as f:

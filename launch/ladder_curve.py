@@ -46,9 +46,7 @@ def plot(found, out, title):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     x = [pretrain_flops(m) for _, m, _ in found]
     y = [run["accuracy"] for _, _, run in found]
-    err = [[run["accuracy"] - run.get("accuracy_ci", [run["accuracy"]] * 2)[0] for _, _, run in found],
-           [run.get("accuracy_ci", [run["accuracy"]] * 2)[1] - run["accuracy"] for _, _, run in found]]
-    ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+    ax.errorbar(x, y, yerr=report.error_bars([run for _, _, run in found], "accuracy"), marker="o", capsize=3)
     for (name, _, _), xi, yi in zip(found, x, y):
         ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(5, -12))
     ax.set_xscale("log")
@@ -67,6 +65,9 @@ def main(argv=None):
     ap.add_argument("--manifest", required=True, help="the ladder's manifest.json (launch/pretrain_ladder.py)")
     ap.add_argument("--out", required=True, help="the plot (.png)")
     args = ap.parse_args(argv)
+    for flag, path in (("--results", args.results), ("--manifest", args.manifest)):
+        if not os.path.isfile(path):
+            ap.error(f"{flag}={path}: no such file")
     with open(args.results) as f:
         results = json.load(f)
     with open(args.manifest) as f:

@@ -24,9 +24,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 
 def parse_steps(spec: str) -> dict[str, int]:
+    """'weak=200,mid=800' -> {'weak': 200, 'mid': 800}; a malformed item is a ValueError that names it."""
     steps = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = item.partition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--steps: {item!r} is not name=steps with steps a positive integer (e.g. weak=200)")
         steps[name] = int(value)
     return steps
 
@@ -48,9 +51,13 @@ def main(argv=None) -> int:
     from configs.chess import get_config
     from w2s_jax import fingerprint, pipeline
 
-    cfg = get_config(args.preset)
+    try:
+        cfg = get_config(args.preset)
+        steps_by_model = parse_steps(args.steps)
+    except ValueError as e:
+        ap.error(str(e))
     cfg.seed = args.seed
-    for name, steps in parse_steps(args.steps).items():
+    for name, steps in steps_by_model.items():
         if name not in cfg.models:
             ap.error(f"--steps: unknown model {name!r}; models are {list(cfg.models.keys())}")
         cfg.models[name].pretrain_steps = steps

@@ -83,6 +83,8 @@ def test_pretraining_corpus_is_the_train_side_without_ratings(data_dir):
     assert "review 1 sentence 1 & more" in corpus or "review 1 sentence 1 & more" in test_texts
     assert "pretraining corpus:" in data["notes"][-1]
     assert "corpus" not in load(data_dir)  # without corpus_sources the pipeline pretrains on the prompts
+    with pytest.raises(UserError, match="task.corpus_sources='books': expected"):
+        load(data_dir, corpus_sources="books")
 
 
 def test_same_config_gives_identical_examples(data_dir):

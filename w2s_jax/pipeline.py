@@ -28,7 +28,7 @@ import numpy as np
 from w2s_jax import losses as losses_lib
 from w2s_jax import fingerprint, metrics, report, stats
 from w2s_jax import train as train_lib
-from w2s_jax.data import batching
+from w2s_jax.data import batching, tokenization
 from w2s_jax.errors import UserError
 from w2s_jax.metric_writer import MetricWriter
 from w2s_jax.models import convert, heads, presets
@@ -157,9 +157,9 @@ def validate_config(cfg) -> None:
                         f"train.microbatches={cfg.train.microbatches}")
     if cfg.tokenizer.source == "train" and any(m.source == "hf" for m in cfg.models.values()):
         problems.append("tokenizer.source='train' cannot serve HF checkpoints; use tokenizer.source='model'")
-    from w2s_jax.data.tokenization import SPLIT_PATTERNS
-    if cfg.tokenizer.get("split", "word") not in SPLIT_PATTERNS:
-        problems.append(f"tokenizer.split={cfg.tokenizer.split!r}: expected one of {', '.join(SPLIT_PATTERNS)}")
+    if cfg.tokenizer.get("split", "word") not in tokenization.SPLIT_PATTERNS:
+        problems.append(f"tokenizer.split={cfg.tokenizer.split!r}: expected one of "
+                        f"{', '.join(tokenization.SPLIT_PATTERNS)}")
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -448,7 +448,6 @@ class Experiment:
                 "texts": fingerprint.digest(texts)}
         self.open_stage(out, spec)
         if not os.path.isfile(os.path.join(out, "tokenizer.json")):
-            from w2s_jax.data import tokenization
             tokenization.train_tokenizer(texts, tcfg.vocab_size, out if self.is_main else None, split=tcfg.split)
             train_lib.barrier("tokenizer")
         self.digests["tokenizer"] = fingerprint.file_digest(out)

@@ -371,7 +371,7 @@ def _accuracy_figure(results: dict[str, Any]) -> Figure:
     for label, runs in ground_truth.items():
         runs = sorted(runs.values(), key=lambda r: x_of[r["model"]])
         name = "ground truth" if len(ground_truth) == 1 else f"ground truth ({label})"
-        ax.errorbar([x_of[r["model"]] for r in runs], [r["accuracy"] for r in runs], yerr=_yerr(runs, "accuracy"),
+        ax.errorbar([x_of[r["model"]] for r in runs], [r["accuracy"] for r in runs], yerr=error_bars(runs, "accuracy"),
                     fmt="k-o", lw=2, capsize=3, label=name, zorder=3)
 
     curves = defaultdict(list)
@@ -383,7 +383,7 @@ def _accuracy_figure(results: dict[str, Any]) -> Figure:
         start = supervisor_run(results, supervisor)
         if start is not None:
             runs = [start] + runs
-        ax.errorbar([x_of[r["model"]] for r in runs], [r["accuracy"] for r in runs], yerr=_yerr(runs, "accuracy"),
+        ax.errorbar([x_of[r["model"]] for r in runs], [r["accuracy"] for r in runs], yerr=error_bars(runs, "accuracy"),
                     fmt="--o", color=color, capsize=3, label=f"{supervisor} → students, {method}")
 
     if log_x:
@@ -400,7 +400,7 @@ def _accuracy_figure(results: dict[str, Any]) -> Figure:
     return fig
 
 
-def _yerr(runs: Sequence[dict[str, Any]], key: str):
+def error_bars(runs: Sequence[dict[str, Any]], key: str):
     """Error bars [2, n] from the runs' 95% intervals (zero where a run has none)."""
     lower, upper = [], []
     for r in runs:
@@ -428,7 +428,7 @@ def _pgr_figure(results: dict[str, Any]) -> Figure:
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(pairs))]
         heights = [value.get((s, m, method)) for s, m in pairs]
         runs = [run.get((s, m, method), {}) for s, m in pairs]
-        ax.bar(xs, [0.0 if h is None else h for h in heights], width, yerr=_yerr(runs, "pgr"), capsize=3,
+        ax.bar(xs, [0.0 if h is None else h for h in heights], width, yerr=error_bars(runs, "pgr"), capsize=3,
                color=f"C{j % 10}", label=method)
         for x, h, pair in zip(xs, heights, pairs):
             if h is None and (*pair, method) in value:

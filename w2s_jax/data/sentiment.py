@@ -92,11 +92,11 @@ class Snippet:
         return f"{self.source}/{self.id.split('_', 1)[0]}"
 
 
-def parse_sources(spec: str) -> list[str]:
+def parse_sources(spec: str, key: str = "sources") -> list[str]:
     names = list(SOURCES) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [name for name in names if name not in SOURCES]
     if unknown or not names:
-        raise UserError(f"task.sources={spec!r}: expected a comma-separated list of {', '.join(SOURCES)} or 'all'")
+        raise UserError(f"task.{key}={spec!r}: expected a comma-separated list of {', '.join(SOURCES)} or 'all'")
     return list(dict.fromkeys(names))
 
 
@@ -244,7 +244,7 @@ def load_sentiment_task(task_cfg) -> dict:
 def pretraining_corpus(folder: Path, sources: str, test_fraction: float) -> list[str]:
     """The texts of every snippet on the train side of each source, ambiguous ones too: text without ratings."""
     texts = []
-    for source in parse_sources(sources):
+    for source in parse_sources(sources, "corpus_sources"):
         snippets, _ = read_snippets(folder / SOURCES[source], source)
         train, _ = split_by_document(snippets, test_fraction)
         texts.extend(s.text for s in train)
