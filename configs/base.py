@@ -6,16 +6,18 @@ Lists are comma-separated strings so that they can be set from the command line:
 import ml_collections
 
 
-def model(source="pretrain", preset="", checkpoint="", lr=0.0, pretrain_steps=0, layers=0, probe_layer=None):
+def model(source="pretrain", preset="", checkpoint="", lr=0.0, pretrain_steps=0, layers=0, probe_layer=None,
+          epochs=0.0):
     """One model of the ladder: pretrained here from a preset, or loaded from a checkpoint (`source='hf'`): a Hugging
     Face LLaMA directory, a .gguf file, or a shipped asset such as 'asset:smollm2' (fetched when first needed).
 
+    lr, epochs: its finetuning's learning rate and epochs (0: train.lr, train.epochs).
     layers: keep only the first `layers` decoder layers (0: all): an early exit of a real model as a weaker model.
     probe_layer: the hidden state its linear probes read (None: `probe.layer`).
     """
     return ml_collections.ConfigDict(dict(
-        source=source, preset=preset, checkpoint=checkpoint, lr=lr, pretrain_steps=pretrain_steps, layers=layers,
-        probe_layer=ml_collections.config_dict.placeholder(int) if probe_layer is None else probe_layer))
+        source=source, preset=preset, checkpoint=checkpoint, lr=lr, epochs=epochs, pretrain_steps=pretrain_steps,
+        layers=layers, probe_layer=ml_collections.config_dict.placeholder(int) if probe_layer is None else probe_layer))
 
 
 def get_base_config():
@@ -51,6 +53,10 @@ def get_base_config():
         early_stopping="none",  # "none" | "weak_labels" (realistic) | "ground_truth_oracle" (the paper's oracle)
         val_frac=0.1, eval_every=50, checkpoint_every=50,
         group_by_length=0,  # >1: batches drawn from runs of that many batches sorted by length (less padding)
+        length_multiple=128,  # batches pad to a multiple of this many tokens: 128 compiles few shapes, 32 pads less
+        # k > 0: finetune only the top k layers (and the final norm and head) on the hidden states the frozen lower
+        # layers compute once per example (w2s_jax/top_layers.py); 0: every layer. Classification tasks.
+        trainable_layers=0,
     ))
 
     # Test predictions of `choice_lm` tasks: "rank" (the best-scoring candidate; always legal) or "greedy" (decode

@@ -112,6 +112,23 @@ def test_unknown_tokenizer_split_is_refused():
         pipeline.validate_config(cfg)
 
 
+@pytest.mark.parametrize("config, updates, message", [
+    ("chess", {"trainable_layers": 2}, "train.trainable_layers=2 finetunes the top layers on the prompt's hidden "
+                                        "states, which needs task.scoring='classify', not 'choice_lm'"),
+    ("sciq", {"trainable_layers": -1}, r"train.trainable_layers=-1: expected 0 \(train every layer\)"),
+    ("sciq", {"trainable_layers": 1, "methods": "finetune_probe"}, "'finetune_probe' probes the finetuned model's "
+                                                                   "layer probe.layer, which train.trainable_layers=1"),
+    ("sciq", {"length_multiple": 0}, "train.length_multiple=0: expected a positive integer"),
+])
+def test_bad_top_layer_settings_are_refused(config, updates, message):
+    cfg = {"chess": chess_config, "sciq": sciq_config}[config].get_config("smoke")
+    if "methods" in updates:
+        cfg.experiment.methods = updates.pop("methods")
+    cfg.train.update(updates)
+    with pytest.raises(ValueError, match=message):
+        pipeline.validate_config(cfg)
+
+
 def test_pair_examples_chain_step_needs_a_chain():
     cfg = chess_config.get_config("smoke")
     cfg.experiment.update(pair_examples="chain_step", chains="")

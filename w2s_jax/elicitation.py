@@ -16,11 +16,14 @@ from w2s_jax import train as train_lib
 METHODS = ("probe", "finetune_probe", "genft", "zero_shot", "few_shot")
 
 
-def model_features(exp, model: str) -> dict[str, np.ndarray]:
-    """Frozen features of a (pretrained, not finetuned) model at its probe layer for the training pool and the test
-    set, cached in the workdir (shared by the seeds) under names holding the digests of the weights and of the
-    examples, so a changed input never reuses stale features. The model is loaded once, only if a file is missing."""
-    layer = exp.feature_layer(model)
+def model_features(exp, model: str, layer: int | None = None, prompt_states: bool = False) -> dict[str, np.ndarray]:
+    """Frozen features of a (pretrained, not finetuned) model at its probe layer (or `layer`) for the training pool
+    and the test set, cached in the workdir (shared by the seeds) under names holding the digests of the weights, of
+    the dtypes and of the examples, so a changed input never reuses stale features. The model is loaded once, only
+    if a file is missing. With `prompt_states`, the hidden state at every prompt token
+    (`probe.extract_prompt_states`: what a top-layers model reads) instead of at the last one."""
+    layer = exp.feature_layer(model) if layer is None else layer
+    extract, kind = (probe.extract_prompt_states, "states") if prompt_states else (probe.extract_features, "layer")
     splits = {"train": (exp.train, exp.enc["train"]), "test": (exp.test, exp.enc["test"])}
     loaded = []
 
@@ -28,12 +31,14 @@ def model_features(exp, model: str) -> dict[str, np.ndarray]:
         if not loaded:
             loaded.append(exp.load_model(model))
         lcfg, lm = loaded[0]
-        return probe.extract_features(lcfg, lm, enc, layer, exp.runtime, exp.cfg.eval.batch_size)
+        return extract(lcfg, lm, enc, layer, exp.runtime, exp.cfg.eval.batch_size)
 
+    md = exp.cfg.model_defaults  # the dtypes the forward pass runs in
+    weights = fingerprint.digest([exp.model_digest(model), md.dtype, md.param_dtype])
     out = {}
     for split, (examples, enc) in splits.items():
-        key = f"{exp.model_digest(model)[:8]}_{exp.examples_digest(examples)[:8]}"
-        path = os.path.join(exp.root, "features", f"{model}_layer{layer}_{split}_{key}.npy")
+        key = f"{weights[:8]}_{exp.examples_digest(examples)[:8]}"
+        path = os.path.join(exp.root, "features", f"{model}_{kind}{layer}_{split}_{key}.npy")
         out[split] = probe.cached_features(path, lambda: compute(enc))
     return out
 

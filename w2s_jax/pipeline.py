@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from w2s_jax import losses as losses_lib
-from w2s_jax import fingerprint, metrics, report, stats
+from w2s_jax import fingerprint, metrics, report, stats, top_layers
 from w2s_jax import train as train_lib
 from w2s_jax.data import batching, tokenization
 from w2s_jax.errors import UserError
@@ -83,6 +83,9 @@ def validate_config(cfg) -> None:
         except ValueError as e:
             problems.append(f"experiment.losses / losses.{loss}: {e}")
     for name, m in cfg.models.items():
+        for key in ("lr", "epochs"):
+            if not isinstance(m.get(key, 0), (int, float)) or m.get(key, 0) < 0:
+                problems.append(f"models.{name}.{key}={m.get(key)!r}: expected a number >= 0 (0: train.{key})")
         if m.source == "hf":
             if not m.checkpoint:
                 problems.append(f"models.{name}.checkpoint is empty: give the path of a Hugging Face LLaMA "
@@ -134,6 +137,17 @@ def validate_config(cfg) -> None:
         if other:
             problems.append(f"experiment.losses: train.method='probe' fits probes by cross-entropy on the soft "
                             f"labels ('xent'); {sorted(set(other))} need finetuning")
+    k = cfg.train.get("trainable_layers", 0)
+    if not isinstance(k, int) or k < 0:
+        problems.append(f"train.trainable_layers={k!r}: expected 0 (train every layer) or a positive number of top "
+                        "layers")
+    elif k and cfg.train.method == "finetune":
+        if cfg.task.get("scoring") != "classify":
+            problems.append(f"train.trainable_layers={k} finetunes the top layers on the prompt's hidden states, "
+                            f"which needs task.scoring='classify', not {cfg.task.get('scoring')!r}")
+        if "finetune_probe" in parse_list(exp.methods):
+            problems.append(f"experiment.methods 'finetune_probe' probes the finetuned model's layer "
+                            f"probe.layer, which train.trainable_layers={k} does not build: set it to 0")
     for control in parse_list(exp.controls):
         if control != "random_flips":
             problems.append(f"experiment.controls: unknown control {control!r}; the valid one is 'random_flips'")
@@ -144,7 +158,7 @@ def validate_config(cfg) -> None:
     if cfg.train.early_stopping not in ("none", "weak_labels", "ground_truth_oracle"):
         problems.append(f"train.early_stopping={cfg.train.early_stopping!r}: expected 'none', 'weak_labels' or "
                         "'ground_truth_oracle'")
-    for key in ("train.batch_size", "train.microbatches", "eval.batch_size", "pretrain.batch_size",
+    for key in ("train.batch_size", "train.microbatches", "train.length_multiple", "eval.batch_size", "pretrain.batch_size",
                 "pretrain.steps", "pretrain.seq_len", "task.max_len"):
         section, name = key.split(".")
         value = cfg[section].get(name)
@@ -264,18 +278,6 @@ def resolve_checkpoint(path: str) -> str:
         return path
     from w2s_jax import assets
     return str(getattr(assets, ASSET_CHECKPOINTS[path[len("asset:"):]])())
-
-
-def keep_first_layers(lcfg, params: dict, k: int):
-    """A model cut to its first k decoder layers (its final norm and LM head kept): an early exit. Unlike the
-    paper's separately pretrained weak models, it shares its first layers, and so some of its features, with the
-    full model."""
-    if "layers" in params:  # scanned: one stacked subtree with a leading [num_layers] axis
-        params = {**params, "layers": jax.tree.map(lambda x: x[:k], params["layers"])}
-    else:
-        params = {name: p for name, p in params.items()
-                  if not (name.startswith("layers_") and int(name[len("layers_"):]) >= k)}
-    return lcfg.replace(num_hidden_layers=k), params
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
@@ -400,6 +402,7 @@ class Experiment:
         return {**fingerprint.flatten({"train": cfg.train.to_dict(), "eval": cfg.eval.to_dict(),
                                        "model_defaults": cfg.model_defaults.to_dict(),
                                        f"models.{model.split('+')[0]}.lr": cfg.models[model.split("+")[0]].lr,
+                                       f"models.{model.split('+')[0]}.epochs": cfg.models[model.split("+")[0]].epochs,
                                        f"losses.{loss_name}": dict(cfg.losses.get(loss_name, {}))}),
                 "loss": loss_name, "seed": self.seed, "task.scoring": self.scoring,
                 "experiment.labels": cfg.experiment.labels, "model": model,
@@ -522,7 +525,7 @@ class Experiment:
                                        scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules)
         layers = self.cfg.models[name].layers if name in self.cfg.models else 0
         if 0 < layers < lcfg.num_hidden_layers:
-            lcfg, params = keep_first_layers(lcfg, params, layers)
+            lcfg, params = top_layers.keep_first_layers(lcfg, params, layers)
         return lcfg, params
 
     # -------------------------------------------------------------------------------------------- runs
@@ -564,6 +567,21 @@ class Experiment:
             self._features[model] = elicitation.model_features(self, model)
         feats = self._features[model]
         return feats["test"] if split == "test" else feats["train"][self.idx[split]]
+
+    def top_layer_inputs(self, model: str, k: int) -> dict[str, list[dict]]:
+        """The encodings of the splits ('A', 'B', 'test') carrying the hidden states that `model`'s top k layers
+        read: computed once for the training pool and the test set (cached on disk, like probe features)."""
+        from w2s_jax import elicitation, probe
+        key = f"{model}@states{k}"
+        if key not in self._features:
+            layer = self.model_config(model).num_hidden_layers - k
+            states = elicitation.model_features(self, model, layer, prompt_states=True)
+            self._features[key] = {s: probe.split_states(states[s], self.enc[s]) for s in ("train", "test")}
+        states = self._features[key]
+        out = {"test": top_layers.with_states(self.enc["test"], states["test"])}
+        for split in ("A", "B"):
+            out[split] = top_layers.with_states(self.enc[split], [states["train"][i] for i in self.idx[split]])
+        return out
 
     def _probe_and_predict(self, run, model, train_split, train_idx, targets, label_sets, val, val_kind) -> dict:
         """`train.method='probe'`: a logistic-regression probe on the model's frozen features instead of
@@ -610,14 +628,20 @@ class Experiment:
                          for w in self.test[0]["candidates"]]
         head = heads.init_head(self.scoring, len(self.test[0]["candidates"]), lm_params, lcfg, tcfg.head_init,
                                label_ids)
+        encs, lm_keys = self.enc, None
+        if 0 < tcfg.trainable_layers < lcfg.num_hidden_layers:  # the top layers alone, on their inputs' states
+            encs = self.top_layer_inputs(model, tcfg.trainable_layers)
+            lcfg, lm_params = top_layers.keep_top_layers(lcfg, lm_params, tcfg.trainable_layers)
+            lm_keys = set(lm_params)
         params = {"lm": lm_params} if head is None else {"lm": lm_params, "head": head}
-        enc = [self.enc[train_split][i] for i in train_idx]
-        order = batching.epoch_order(len(enc), tcfg.batch_size, self.seed, epochs=tcfg.epochs,
+        enc = [encs[train_split][i] for i in train_idx]
+        epochs = float(cfg.models[model.split("+")[0]].epochs or tcfg.epochs)
+        order = batching.epoch_order(len(enc), tcfg.batch_size, self.seed, epochs=epochs,
                                      lengths=[e["length"] for e in enc], group=tcfg.group_by_length)
         steps = len(order)
         lr = float(cfg.models[model.split("+")[0]].lr or tcfg.lr)
         tx = train_lib.make_optimizer(tcfg, steps, lr)
-        abstract, shardings = train_lib.state_shardings(lcfg, head, tx, self.runtime)
+        abstract, shardings = train_lib.state_shardings(lcfg, head, tx, self.runtime, lm_keys)
         state = train_lib.create_state(params, tx, shardings)
         loss = losses_lib.get(loss_name, **dict(cfg.losses.get(loss_name, {})))
         step = train_lib.jit_step(train_lib.make_choice_step(lcfg, self.scoring, loss, tx, steps, tcfg.microbatches),
@@ -630,13 +654,13 @@ class Experiment:
             tgt = np.zeros((len(rows), k), np.float32)
             for r, i in enumerate(rows):
                 tgt[r, :len(targets[i])] = targets[i]
-            return batching.collate(items, self.scoring, tgt, b, k, batching.seq_bucket(items), t)
+            return batching.collate(items, self.scoring, tgt, b, k, batching.seq_bucket(items, tcfg.length_multiple), t)
 
         predict = train_lib.make_predict_fn(lcfg, self.scoring, self.runtime, shardings.params)
         eval_fn = None
         if val is not None:
             v_idx, v_targets = val
-            v_enc = [self.enc[train_split][i] for i in v_idx]
+            v_enc = [encs[train_split][i] for i in v_idx]
             v_labels = [int(np.argmax(t)) for t in v_targets]
             eval_fn = lambda st: metrics.accuracy([int(np.argmax(l)) for l in self._logits(predict, st.params, v_enc)],
                                                   [[l] for l in v_labels])
@@ -646,13 +670,14 @@ class Experiment:
                 num_steps=steps, ckpt_dir=os.path.join(run_dir, "ckpt"), runtime=self.runtime,
                 checkpoint_every=tcfg.checkpoint_every, eval_fn=eval_fn, eval_every=tcfg.eval_every,
                 writer=writer, desc=run)
-        result = {"run": run, "model": model, "seed": self.seed, "steps": steps, "lr": lr, "loss": loss_name,
+        result = {"run": run, "model": model, "seed": self.seed, "steps": steps, "lr": lr, "epochs": epochs,
+                  "loss": loss_name,
                   "train_examples": len(train_idx), "early_stopping": val_kind if eval_fn else "none",
                   "best_step": loop["best_step"], "labels": {}}
-        preds, texts = self.test_predictions(lcfg, predict, state, shardings)
+        preds, texts = self.test_predictions(lcfg, predict, state, shardings, encs["test"])
         result.update(self.score_test(run, preds, texts))
         for label_name, split in label_sets.items():
-            logits = self._logits(predict, state.params, self.enc[split])
+            logits = self._logits(predict, state.params, encs[split])
             exs = {"A": self.half_a, "B": self.half_b, "test": self.test}[split]
             result["labels"][label_name] = self.write_labels(run, label_name, exs, logits)
         if features_for:  # for "finetune, then probe": the finetuned trunk's features
@@ -686,17 +711,18 @@ class Experiment:
                 "test_answers": answers,
                 "eval_mode": self.cfg.eval.mode if self.scoring == "choice_lm" else "argmax"}
 
-    def test_predictions(self, lcfg, predict, state, shardings):
-        """Predicted candidate index per test example: the best-scoring candidate, or for `eval.mode='greedy'` the
-        greedily generated continuation (-1, i.e. wrong, when it is not a legal candidate). Returns (preds, texts)."""
+    def test_predictions(self, lcfg, predict, state, shardings, enc_test):
+        """Predicted candidate index per test example (encoded as `enc_test`): the best-scoring candidate, or for
+        `eval.mode='greedy'` the greedily generated continuation (-1, i.e. wrong, when it is not a legal candidate).
+        Returns (preds, texts)."""
         if self.scoring == "choice_lm" and self.cfg.eval.mode == "greedy":
             from w2s_jax import generate
             fn = generate.make_greedy_fn(lcfg, self.runtime, shardings.params["lm"], self.cfg.eval.max_new_tokens)
             return generate.greedy_predictions(
                 lambda p, i, m: fn(p["lm"], i, m), state.params, self.tokenizer,
-                [e["prompt"] for e in self.enc["test"]], [ex["candidates"] for ex in self.test],
+                [e["prompt"] for e in enc_test], [ex["candidates"] for ex in self.test],
                 self.cfg.eval.batch_size)
-        logits = self._logits(predict, state.params, self.enc["test"])
+        logits = self._logits(predict, state.params, enc_test)
         return [int(np.argmax(l)) for l in logits], None
 
     def _logits(self, predict, params, enc, scoring=None) -> list[np.ndarray]:
@@ -705,7 +731,8 @@ class Experiment:
         bs, scoring = self.cfg.eval.batch_size, scoring or self.scoring
         k, _, t = batching.max_shapes(enc, scoring)
         for idx, items in batching.prediction_batches(enc, bs):
-            batch = batching.collate(items, scoring, None, bs, k, batching.seq_bucket(items), t)
+            l = batching.seq_bucket(items, self.cfg.train.length_multiple)
+            batch = batching.collate(items, scoring, None, bs, k, l, t)
             logits = predict(params, batch)
             for r, i in enumerate(idx):
                 out[i] = logits[r, :len(items[r]["cands"])]

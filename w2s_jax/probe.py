@@ -58,20 +58,44 @@ def _check_layer(cfg: LlamaConfig, layer: int) -> int:
     return layer % n
 
 
-def last_token_features_fn(cfg: LlamaConfig, layer: int):
-    """(lm_params, batch) -> float32 [B, H]: the hidden state `layer` at each row's `last_index`.
+def _layer_states(cfg: LlamaConfig, lm_params, batch, layer: int):
+    """Hidden state `layer` [B, L, H] of a batch. Under jit, the LM head and the layers after `layer` are dead code
+    and are not computed."""
+    _, hidden = LlamaForCausalLM(cfg).apply({"params": lm_params}, batch["input_ids"], batch["attention_mask"],
+                                            output_hidden_states=True)
+    return hidden[layer]
 
-    Under jit, the LM head and the layers after `layer` are dead code and are not computed.
-    """
-    model = LlamaForCausalLM(cfg)
+
+def last_token_features_fn(cfg: LlamaConfig, layer: int):
+    """(lm_params, batch) -> float32 [B, H]: the hidden state `layer` at each row's `last_index`."""
     layer = _check_layer(cfg, layer)
 
     def fn(lm_params, batch):
-        _, hidden = model.apply({"params": lm_params}, batch["input_ids"], batch["attention_mask"],
-                                output_hidden_states=True)
-        h = jnp.take_along_axis(hidden[layer], batch["last_index"][:, None, None], axis=1)[:, 0]
-        return h.astype(jnp.float32)
+        h = _layer_states(cfg, lm_params, batch, layer)
+        return jnp.take_along_axis(h, batch["last_index"][:, None, None], axis=1)[:, 0].astype(jnp.float32)
     return fn
+
+
+def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], fn, runtime, batch_size: int, what: str):
+    """Yield (indices into `encoded`, host output) of the jitted `fn(lm_params, batch)` over the prompts of
+    `encoded`, in length-bucketed batches sharded over the runtime's mesh, the frozen parameters placed on their
+    FSDP/tensor shardings."""
+    n_split = _batch_devices(runtime)
+    if batch_size % n_split:
+        raise ValueError(f"{what}: batch_size={batch_size} is not divisible by the {n_split} devices the "
+                         f"mesh {dict(runtime.mesh.shape)} splits the batch over")
+    shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), runtime.mesh,
+                                         runtime.rules)
+    params = parallel.shard_params(lm_params, shardings)
+    jitted = jax.jit(fn, in_shardings=(shardings, runtime.batch_sharding), out_shardings=runtime.replicated)
+    items = _prompt_items(encoded)
+    for idx, chunk in batching.prediction_batches(items, batch_size):
+        # Length-sorted batches padded to a multiple of 32, not 128: on short texts (sentiment prompts) most of a
+        # 128-multiple batch was padding.
+        host = batching.collate(chunk, "classify", batch_size=batch_size, seq_len=batching.seq_bucket(chunk, 32))
+        batch = {k: host[k] for k in ("input_ids", "attention_mask", "last_index")}
+        with runtime.tracing():
+            yield idx, to_host(jitted(params, runtime.put_batch(batch)))
 
 
 def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, runtime,
@@ -84,28 +108,37 @@ def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer
     parameters are placed on their FSDP/tensor shardings. With `scan_layers=True` an intermediate layer holds every
     layer's states of a batch ([layers, B, L, H]) at once: lower `batch_size` if that does not fit.
     """
-    n_split = _batch_devices(runtime)
-    if batch_size % n_split:
-        raise ValueError(f"extract_features: batch_size={batch_size} is not divisible by the {n_split} devices the "
-                         f"mesh {dict(runtime.mesh.shape)} splits the batch over")
-    if len(encoded) == 0:
-        return np.zeros((0, cfg.hidden_size), np.float32)
-    shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), runtime.mesh,
-                                         runtime.rules)
-    params = parallel.shard_params(lm_params, shardings)
-    jitted = jax.jit(last_token_features_fn(cfg, layer), in_shardings=(shardings, runtime.batch_sharding),
-                     out_shardings=runtime.replicated)
-    items = _prompt_items(encoded)
-    out = np.zeros((len(items), cfg.hidden_size), np.float32)
-    for idx, chunk in batching.prediction_batches(items, batch_size):
-        # Length-sorted batches padded to a multiple of 32, not 128: on short texts (sentiment prompts) most of a
-        # 128-multiple batch was padding.
-        host = batching.collate(chunk, "classify", batch_size=batch_size, seq_len=batching.seq_bucket(chunk, 32))
-        batch = {k: host[k] for k in ("input_ids", "attention_mask", "last_index")}
-        with runtime.tracing():
-            feats = to_host(jitted(params, runtime.put_batch(batch)))
+    fn = last_token_features_fn(cfg, layer)
+    out = np.zeros((len(encoded), cfg.hidden_size), np.float32)
+    for idx, feats in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size, "extract_features"):
         out[idx] = feats[:len(idx)]
     return out
+
+
+def extract_prompt_states(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, runtime,
+                          batch_size: int = 64) -> np.ndarray:
+    """Hidden state `layer` at every prompt token: [sum of the prompt lengths, hidden] float32, the examples of
+    `encoded` one after the other (`split_states` cuts them apart). What a model's top layers read when the layers
+    up to `layer` are frozen (top_layers.py)."""
+    layer = _check_layer(cfg, layer)
+    fn = lambda p, b: _layer_states(cfg, p, b, layer).astype(jnp.float32)
+    lengths = [len(e["prompt"]) for e in encoded]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out = np.zeros((int(starts[-1]), cfg.hidden_size), np.float32)
+    for idx, states in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size,
+                                           "extract_prompt_states"):
+        for r, i in enumerate(idx):
+            out[starts[i]:starts[i + 1]] = states[r, :lengths[i]]
+    return out
+
+
+def split_states(states: np.ndarray, encoded: Sequence[dict]) -> list[np.ndarray]:
+    """`extract_prompt_states`'s rows cut into one [prompt length, hidden] array per example of `encoded`."""
+    lengths = [len(e["prompt"]) for e in encoded]
+    if states.ndim != 2 or states.shape[0] != sum(lengths):
+        raise ValueError(f"prompt states of shape {states.shape} do not match {len(encoded)} prompts of "
+                         f"{sum(lengths)} tokens in all (a stale cache? delete it to recompute)")
+    return np.split(states, np.cumsum(lengths)[:-1])
 
 
 def cached_features(path: str, fn: Callable[[], np.ndarray]) -> np.ndarray:

@@ -147,9 +147,12 @@ def lm_param_shardings(cfg: LlamaConfig, runtime: Runtime):
                                              shapes=nn.meta.unbox(boxed))
 
 
-def state_shardings(cfg: LlamaConfig, head_params, tx, runtime: Runtime):
-    """(abstract unboxed TrainState, its NamedSharding tree) for params {'lm', 'head'} and the optimizer state."""
+def state_shardings(cfg: LlamaConfig, head_params, tx, runtime: Runtime, lm_keys=None):
+    """(abstract unboxed TrainState, its NamedSharding tree) for params {'lm', 'head'} and the optimizer state.
+    `lm_keys`: the LLaMA's top-level parameters that are there (None: all; a top-layers model has no embedding)."""
     boxed = {"lm": abstract_lm_params(cfg)}
+    if lm_keys is not None:
+        boxed["lm"] = {k: v for k, v in boxed["lm"].items() if k in lm_keys}
     if head_params is not None:
         boxed["head"] = {"kernel": nn.Partitioned(jax.ShapeDtypeStruct(head_params["kernel"].shape,
                                                                        head_params["kernel"].dtype),

@@ -85,6 +85,11 @@ def collate(items: Sequence[dict], scoring: str, targets: np.ndarray | None = No
             mask[r, :len(it["prompt"])] = 1
             last[r] = len(it["prompt"]) - 1
         out.update(input_ids=ids, attention_mask=mask, last_index=last)
+        if "states" in items[0]:  # a top-layers model's input (top_layers.py): the prompt's hidden states
+            embeds = np.zeros((b, l, items[0]["states"].shape[-1]), np.float32)
+            for r, it in enumerate(items):
+                embeds[r, :len(it["prompt"])] = it["states"]
+            out["inputs_embeds"] = embeds
     elif scoring == "reward":
         l = seq_len or seq_bucket(items)
         ids, mask = np.zeros((b, k, l), np.int32), np.zeros((b, k, l), np.int32)

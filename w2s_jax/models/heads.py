@@ -54,7 +54,9 @@ def candidate_logits(cfg: LlamaConfig, params, batch, scoring: str):
     model = LlamaForCausalLM(cfg)
     lm = {"params": params["lm"]}
     if scoring == "classify":
-        feats = model.apply(lm, batch["input_ids"], batch["attention_mask"], method=LlamaForCausalLM.features)
+        # `inputs_embeds`: a top-layers model's input, the states its frozen lower layers made (top_layers.py)
+        feats = model.apply(lm, batch.get("input_ids"), batch["attention_mask"],
+                            inputs_embeds=batch.get("inputs_embeds"), method=LlamaForCausalLM.features)
         h = _gather_last(feats, batch["last_index"])
         logits = h.astype(jnp.float32) @ params["head"]["kernel"].astype(jnp.float32)
     elif scoring == "reward":

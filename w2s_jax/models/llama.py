@@ -416,12 +416,15 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head", out_dtype="float32")
 
-    def _trunk(self, input_ids, attention_mask, positions, segment_ids, keep_all):
+    def _trunk(self, input_ids, attention_mask, positions, segment_ids, keep_all, inputs_embeds=None):
         cfg = self.config
-        l = input_ids.shape[1]
+        if inputs_embeds is None:
+            x = self.embed_tokens(input_ids.astype(jnp.int32))
+        else:  # the hidden states some earlier layers made (`top_layers.py`): the embedding is not read
+            x = inputs_embeds.astype(cfg.dtype)
+        l = x.shape[1]
         cos, sin = rope_cos_sin(cfg, positions, l)
         bias = attention_bias(attention_mask, segment_ids, l)
-        x = self.embed_tokens(input_ids.astype(jnp.int32))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         hidden = [x]
         if cfg.scan_layers:
@@ -436,9 +439,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.norm(x)
         return x, (tuple(hidden) + (x,) if keep_all else None)
 
-    def features(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-        """Final normed hidden states [B, L, hidden] (no LM head)."""
-        return self._trunk(input_ids, attention_mask, positions, segment_ids, keep_all=False)[0]
+    def features(self, input_ids, attention_mask=None, positions=None, segment_ids=None, inputs_embeds=None):
+        """Final normed hidden states [B, L, hidden] (no LM head). With `inputs_embeds` [B, L, hidden] the layers
+        start from those states instead of the token embeddings (`input_ids` may then be None)."""
+        return self._trunk(input_ids, attention_mask, positions, segment_ids, False, inputs_embeds)[0]
 
     def logits_from_features(self, x):
         if self.config.tie_word_embeddings:  # 2-D matmul, as in `Dense`
