@@ -13,6 +13,7 @@ Presets (`--config=configs/sentiment.py:<preset>`):
   finetune the default's models and data, finetuned instead of probed: the top 2 layers of each (with the final
            norm and a new head; the 2-layer exit whole), bfloat16, on hidden states of the frozen layers below
            computed once (w2s_jax/top_layers.py), with the naive loss and the auxiliary confidence loss; 5 seeds.
+           The scratch model is pretrained in bfloat16 too, so it is not the default's.
   smoke    the same pipeline in seconds (tests): a micro scratch model, SmolLM2 cut to 1 and 2 layers, a hundred
            examples, 2 seeds.
 """
@@ -50,7 +51,7 @@ def get_config(preset: str = "default"):
         c.task.update(sources="movie", n_train=2400, n_test=1600)
         c.model_defaults.dtype = "bfloat16"
         # Chosen on seed 0's ground truth (docs/SENTIMENT.md): lr 1e-3 (the strong model reached 0.734 / 0.792 /
-        # 0.844 / 0.743 at 1e-4 / 3e-4 / 1e-3 / 3e-3; the weak ones fell to chance at 3e-3), and 4 epochs for the
+        # 0.844 / 0.743 at 1e-4 / 3e-4 / 1e-3 / 3e-3; the early exits fell to chance at 3e-3), and 4 epochs for the
         # weak models, which after 2 were still near chance loss and gave labels of mean confidence |p - 0.5| 0.04-0.06.
         c.train.update(method="finetune", trainable_layers=2, lr=1e-3, length_multiple=32, group_by_length=8)
         for name in ("scratch", "weak", "mid"):

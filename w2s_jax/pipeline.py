@@ -158,8 +158,8 @@ def validate_config(cfg) -> None:
     if cfg.train.early_stopping not in ("none", "weak_labels", "ground_truth_oracle"):
         problems.append(f"train.early_stopping={cfg.train.early_stopping!r}: expected 'none', 'weak_labels' or "
                         "'ground_truth_oracle'")
-    for key in ("train.batch_size", "train.microbatches", "train.length_multiple", "eval.batch_size", "pretrain.batch_size",
-                "pretrain.steps", "pretrain.seq_len", "task.max_len"):
+    for key in ("train.batch_size", "train.microbatches", "train.length_multiple", "eval.batch_size",
+                "pretrain.batch_size", "pretrain.steps", "pretrain.seq_len", "task.max_len"):
         section, name = key.split(".")
         value = cfg[section].get(name)
         if value is not None and (not isinstance(value, int) or value < 1):
