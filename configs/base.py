@@ -36,7 +36,8 @@ def get_base_config():
     c.tokenizer = ml_collections.ConfigDict(dict(
         source="train",  # "train": byte-level BPE trained on the task corpus; "model": the checkpoint's tokenizer
         vocab_size=2048, path="",
-        split="word"))  # what one BPE merge may cover (tokenization.SPLIT_PATTERNS): "word" or "san" (chess moves in parts)
+        # what one BPE merge may cover (tokenization.SPLIT_PATTERNS): "word" or "san" (chess moves in parts)
+        split="word"))
 
     # Pretraining of `source='pretrain'` models (next-token prediction on the task's corpus).
     c.pretrain = ml_collections.ConfigDict(dict(

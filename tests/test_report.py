@@ -168,7 +168,8 @@ def test_the_gap_under_each_pgr_is_listed_once_per_pair():
         run.update(weak_run="gt_" + name.split("_")[0], ceiling_run="gt_base", gap=gap, gap_ci=ci)
     md = report.results_markdown(results)
     section = md.split("## Capability gaps\n\n")[1].split("\n\n")[0]
-    assert section.splitlines()[2:] == ["| tiny | base | 0.200 [0.150, 0.260] |", "| small | base | 0.100 [0.040, 0.170] |"]
+    assert section.splitlines()[2:] == ["| tiny | base | 0.200 [0.150, 0.260] |",
+                                        "| small | base | 0.100 [0.040, 0.170] |"]
     assert "Capability gaps" not in report.results_markdown(RESULTS)  # no gap recorded, no section
 
 

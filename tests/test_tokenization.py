@@ -94,8 +94,8 @@ def san_tokenizer(corpus):
 def test_san_split_gives_moves_in_parts(san_tokenizer):
     text = "1. e4 1... d5 2. exd5 2... Qxd5 3. Nc3 3... Qe5+ 4. Nge2"
     tokens = san_tokenizer.convert_ids_to_tokens(san_tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert tokens == ["1.", "Ġ", "e4", "Ġ1...", "Ġ", "d5", "Ġ2.", "Ġex", "d5", "Ġ2...", "ĠQx", "d5", "Ġ3.", "ĠN",
-                      "c3", "Ġ3...", "ĠQ", "e5", "+", "Ġ4.", "ĠNg", "e2"]
+    assert tokens == ["1.", "Ġ", "e4", "Ġ1...", "Ġ", "d5", "Ġ2.", "Ġex", "d5", "Ġ2...", "ĠQx", "d5", "Ġ3.",
+                      "ĠN", "c3", "Ġ3...", "ĠQ", "e5", "+", "Ġ4.", "ĠNg", "e2"]
     # what a merge may cover (rare parts such as " O-O-O" need not have become one token in this small corpus)
     pieces = san_tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(" O-O-O 5. d8=Q# 5... R1xe2")
     assert [p for p, _ in pieces] == ["ĠO-O-O", "Ġ5.", "Ġ", "d8", "=Q", "#", "Ġ5...", "ĠR1x", "e2"]

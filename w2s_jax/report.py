@@ -307,8 +307,9 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[
     sections = [("Trained on ground truth", _ground_truth_rows(results))]
     if student_runs(results):
         sections.append(("Weak-to-strong students", _student_rows(results)))
-        if _gap_rows(results)[1]:
-            sections.append(("Capability gaps", _gap_rows(results)))
+        gaps = _gap_rows(results)
+        if gaps[1]:
+            sections.append(("Capability gaps", gaps))
         sections.append(("Median PGR per method", _summary_rows(results)))
     return sections
 
