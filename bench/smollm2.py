@@ -53,7 +53,7 @@ if REPO not in sys.path:
 from bench import throughput  # noqa: E402  (stdlib-only at import: jax is not started yet)
 
 DTYPES = throughput.DTYPES
-PHASES = ("features", "train")
+PHASES = ("features", "train", "job")
 TARGET = 1.5  # the issue's target: ours / PyTorch tokens/s in the same dtype
 
 
@@ -67,7 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--devices", default=None,
                    help="comma-separated virtual CPU device counts for ours (default: --threads, one per core)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16, for both frameworks")
-    p.add_argument("--phases", default="features,train", help="features and/or train")
+    p.add_argument("--phases", default="features,train", help="features, train and/or job")
+    p.add_argument("--job_prompts", type=int, default=0,
+                   help="job phase: the first N sentiment test prompts (0: all 1,996)")
     p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
     p.add_argument("--layer", type=int, default=-1,
                    help="hidden state the features read (-1: the final normed one; configs/sentiment.py probes 20)")
@@ -210,19 +212,22 @@ def jax_features(cfg, params, batch: dict, layer: int, runtime):
     import jax.numpy as jnp
 
     from w2s_jax import parallel, probe
+    from w2s_jax.data import batching
     from w2s_jax.models.llama import LlamaForCausalLM
     from w2s_jax.train import to_host
 
     shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), runtime.mesh,
                                          runtime.rules)
-    placed = parallel.shard_params(params, shardings)
+    placed = parallel.shard_params(probe.frozen_params(cfg, params), shardings)
     jitted = jax.jit(probe.last_token_features_fn(cfg, layer), in_shardings=(shardings, runtime.batch_sharding),
                      out_shardings=runtime.replicated)
-    host = {k: batch[k] for k in ("input_ids", "attention_mask", "last_index")}
+    prompts = [ids[:m.sum()] for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    rows, length = [[i] for i in range(len(prompts))], batch["input_ids"].shape[1]
+    host = batching.collate_packed(prompts, rows, length, len(rows), 1)  # one prompt a row: PyTorch's layout
 
     def run():
         with runtime.tracing():
-            return to_host(jitted(placed, runtime.put_batch(host)))
+            return to_host(jitted(placed, runtime.put_batch(host)))[:, 0]
     return run
 
 
@@ -239,6 +244,62 @@ def torch_features(model, batch: dict, layer: int, dtype: str):
             out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], output_hidden_states=True,
                         logits_to_keep=1)
             return out.hidden_states[layer][rows, t["last_index"]].float().numpy()
+    return run
+
+
+def job_prompts(tokenizer, limit: int) -> list[dict]:
+    """The sentiment task's test prompts as the pipeline encodes them (`batching.encode_examples`), the first
+    `limit` of them (0: all)."""
+    from w2s_jax.data import batching
+    from w2s_jax.data.sentiment import default_task_config, load_sentiment_task
+
+    test = load_sentiment_task(default_task_config())["test"]
+    encoded, _ = batching.encode_examples(test[:limit] if limit else test, tokenizer, "classify", 4096)
+    return encoded
+
+
+def jax_job(cfg, params, encoded: list, layer: int, runtime, batch: int):
+    """The pipeline's feature extraction of every prompt, as a no-argument function: `probe.extract_features`
+    itself (packed rows, its own jit and compilation, as each pipeline run pays them)."""
+    from w2s_jax import probe
+    return lambda: probe.extract_features(cfg, params, encoded, layer, runtime, batch)
+
+
+def torch_trunk(model, layer: int):
+    """A copy of `model`'s LlamaModel whose `last_hidden_state` is hidden state `layer` (`probe._check_layer`'s
+    indexing): the layers after it are cut off, as the JAX side skips them, and the final norm is applied only for
+    the last layer."""
+    import copy
+
+    import torch
+    trunk = copy.deepcopy(model.model)
+    n = trunk.config.num_hidden_layers
+    layer %= n + 1
+    if layer < n:
+        trunk.layers = trunk.layers[:layer]
+        trunk.config.num_hidden_layers = layer
+        trunk.norm = torch.nn.Identity()
+    return trunk.eval()
+
+
+def torch_job(model, encoded: list, layer: int, dtype: str, batch: int):
+    """The same job in PyTorch, written as one would write it well: batches of `batch` prompts in order of length,
+    each right-padded to its own longest prompt (nothing compiles, so no bucket is needed), the layers after `layer`
+    cut off (`torch_trunk`), the hidden state at each prompt's last token."""
+    import numpy as np
+    import torch
+
+    from w2s_jax.data import batching
+    trunk = torch_trunk(model, layer)
+
+    def run():
+        out = np.zeros((len(encoded), trunk.config.hidden_size), np.float32)
+        for idx, items in batching.prediction_batches(encoded, batch):
+            t = _torch_batch(batching.collate(items, "classify", seq_len=max(len(it["prompt"]) for it in items)))
+            with torch.no_grad(), _autocast(dtype):
+                h = trunk(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
+            out[idx] = h[torch.arange(len(idx)), t["last_index"]].float().numpy()
+        return out
     return run
 
 
@@ -381,33 +442,51 @@ def main(argv=None) -> dict:
     tokens, real_tokens = args.batch * args.seq, int(batch["attention_mask"].sum())
     print(f"SmolLM2: {cfg.num_params:,} params, {cfg.num_hidden_layers} layers; batch {args.batch} x {args.seq} "
           f"({args.data}: {real_tokens} real tokens of {tokens})", flush=True)
+    job = job_prompts(convert.load_tokenizer(path), args.job_prompts) if "job" in args.phases else []
+    job_tokens = sum(len(e["prompt"]) for e in job)
+    if job:
+        print(f"job: the features of {len(job)} sentiment test prompts ({job_tokens} tokens), layer {args.layer}",
+              flush=True)
     runtimes = {d: make_runtime(d) for d in args.devices} if "jax" in args.frameworks else {}
     torch_base = torch_model(cfg, params, args.threads) if "torch" in args.frameworks else None
 
     print(f"setup (loading, tokenizing, building the PyTorch model): {time.perf_counter() - t_start:.0f} s",
           flush=True)
 
+    def jax_fn(phase, c, rt):
+        if phase == "features":
+            return jax_features(c, params, batch, args.layer, rt)
+        if phase == "job":
+            return jax_job(c, params, job, args.layer, rt, args.batch)
+        return jax_train_step(c, params, batch, rt)
+
+    def torch_fn(phase, dtype):
+        if phase == "features":
+            return torch_features(torch_base, batch, args.layer, dtype)
+        if phase == "job":
+            return torch_job(torch_base, job, args.layer, dtype, args.batch)
+        return torch_train_step(copy.deepcopy(torch_base), batch, dtype)  # each optimizer trains its own copy
+
     def phase_fns(phase):
         """{run name: blocking no-argument function} of a phase: ours per dtype (and device count), then PyTorch."""
         fns = {}
         for dtype in args.dtypes:
             for d, rt in runtimes.items():
-                name = f"jax/{DTYPES[dtype]}" + (f"/{d}dev" if len(runtimes) > 1 else "")
-                c = cfg.replace(dtype=dtype)
-                fns[name] = (jax_features(c, params, batch, args.layer, rt) if phase == "features" else
-                             jax_train_step(c, params, batch, rt))
+                fns[f"jax/{DTYPES[dtype]}" + (f"/{d}dev" if len(runtimes) > 1 else "")] = jax_fn(
+                    phase, cfg.replace(dtype=dtype), rt)
             if torch_base is not None:
-                fns[f"torch/{DTYPES[dtype]}"] = (
-                    torch_features(torch_base, batch, args.layer, dtype) if phase == "features" else
-                    torch_train_step(copy.deepcopy(torch_base), batch, dtype))  # each optimizer trains its own copy
+                fns[f"torch/{DTYPES[dtype]}"] = torch_fn(phase, dtype)
         return fns
 
     phases = {}
     for phase in args.phases:
         t0 = time.perf_counter()
-        runs = run_phase(phase_fns(phase), args.warmup, args.rounds, tokens, real_tokens)
+        if phase == "job":  # every call is the whole job, compilation included, as a pipeline run pays it
+            runs = run_phase(phase_fns(phase), 0, args.rounds, job_tokens, job_tokens)
+        else:
+            runs = run_phase(phase_fns(phase), args.warmup, args.rounds, tokens, real_tokens)
         res = phases[phase] = {"runs": runs, "speedup": speedups(runs)}
-        if phase == "features":
+        if phase in ("features", "job"):
             res["max_rel_diff_vs_torch"] = feature_agreement(runs)
         for r in runs.values():
             out = r.pop("last_output")
@@ -421,6 +500,7 @@ def main(argv=None) -> dict:
                         "hidden": cfg.hidden_size},
               "batch": {"rows": args.batch, "seq": args.seq, "tokens": tokens, "real_tokens": real_tokens,
                         "data": args.data},
+              "job": {"prompts": len(job), "tokens": job_tokens},
               "total_s": time.perf_counter() - t_start, "load_avg_before": load_before,
               "load_avg_after": os.getloadavg(), "target": TARGET, "phases": phases}
     print()
@@ -430,9 +510,10 @@ def main(argv=None) -> dict:
             if sp.get("same_dtype"):
                 verdict = "meets" if sp["same_dtype"] >= TARGET else "below"
                 print(f"{phase} {name}: {sp['same_dtype']:.2f}x PyTorch in the same dtype ({verdict} {TARGET}x)")
-    if "features" in phases:
-        diffs = phases["features"]["max_rel_diff_vs_torch"]
-        print("features, max |ours - torch| / max |torch|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    for phase in ("features", "job"):
+        if phase in phases:
+            diffs = phases[phase]["max_rel_diff_vs_torch"]
+            print(f"{phase}, max |ours - torch| / max |torch|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     la, lb = result["load_avg_after"], load_before
     print(f"load average (1, 5, 15 min): before {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}, after {la[0]:.2f} {la[1]:.2f} "
           f"{la[2]:.2f}")

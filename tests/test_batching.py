@@ -35,3 +35,26 @@ def test_lm_blocks_concatenate_documents_with_eos():
     np.testing.assert_array_equal(blocks, [[5, 6, 7, 2]])
     with pytest.raises(ValueError, match="shorter than one block"):
         batching.lm_blocks([[1]], seq_len=8, eos_id=2)
+
+
+def test_pack_rows_best_fit_longest_first():
+    # by hand: 5 opens row 0 (3 free); 4 opens row 1 (4 free); the first 3 fills row 0 exactly (the smallest room
+    # that fits); the second 3 goes to row 1 (1 free); 2 fits no room, opens row 2; 1 fills row 1
+    assert batching.pack_rows([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]
+    lengths = np.random.default_rng(0).integers(1, 40, 200).tolist()
+    rows = batching.pack_rows(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(200))
+    assert max(sum(lengths[i] for i in row) for row in rows) <= 64
+    assert len(rows) <= np.ceil(sum(lengths) / 64) + 2  # nearly full rows
+    with pytest.raises(ValueError, match="a sequence of 9 tokens does not fit rows of 8"):
+        batching.pack_rows([3, 9], 8)
+
+
+def test_collate_packed_restarts_positions_and_segments_per_prompt():
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    b = batching.collate_packed(prompts, [[2, 1], [0]], row_len=6, batch_rows=3, segments=2)
+    np.testing.assert_array_equal(b["input_ids"], [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0], [0] * 6])
+    np.testing.assert_array_equal(b["attention_mask"], [[1] * 6, [1, 1, 1, 0, 0, 0], [0] * 6])
+    np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0], [0] * 6])
+    np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0], [0] * 6])
+    np.testing.assert_array_equal(b["last_index"], [[3, 5], [2, 0], [0, 0]])

@@ -32,6 +32,22 @@ def test_features_match(setup):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layer", [1, -1])
+def test_feature_jobs_match(setup, layer):
+    # ours packs prompts into rows; PyTorch pads length-sorted batches and runs only the layers up to `layer`
+    params, _, runtime = setup
+    rng = np.random.default_rng(0)
+    encoded = [{"prompt": rng.integers(3, CFG.vocab_size, n).tolist(), "cands": [[3], [4]], "length": n}
+               for n in rng.integers(2, 30, 11)]
+    ours = smollm2.jax_job(CFG, params, encoded, layer, runtime, 4)()
+    model = smollm2.torch_model(CFG, params, torch.get_num_threads())
+    theirs = smollm2.torch_job(model, encoded, layer, "float32", 4)()
+    assert ours.shape == (11, CFG.hidden_size)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    whole = model(input_ids=torch.tensor([encoded[0]["prompt"]]), output_hidden_states=True).hidden_states[layer]
+    np.testing.assert_allclose(theirs[0], whole[0, -1].detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
 def test_train_steps_match(setup):
     params, batch, runtime = setup
     ours = smollm2.jax_train_step(CFG, params, batch, runtime)

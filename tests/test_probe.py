@@ -60,13 +60,36 @@ def test_sharded_extraction_equals_single_device_and_keeps_order(lm_params, laye
     for e in enc[::3]:
         e["length"] += 40
     lengths = [len(e["prompt"]) for e in enc]
-    assert lengths != sorted(lengths) and max(lengths) > 32 >= min(lengths)  # bucketing reorders the examples
+    assert lengths != sorted(lengths) and max(lengths) > 32 >= min(lengths)  # packing reorders the examples
+    assert max(map(len, batching.pack_rows(lengths, 64))) > 1  # rows hold several prompts
     sharded = probe.extract_features(CFG, lm_params, enc, layer, make_runtime({"data": 1, "fsdp": -1, "tensor": 1}),
                                      batch_size=8)
     single = probe.extract_features(CFG, lm_params, enc, layer, single_device_runtime(), batch_size=8)
     assert sharded.shape == (13, CFG.hidden_size) and sharded.dtype == np.float32
     np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(single, unpadded_reference(lm_params, enc, layer), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_frozen_params_hold_the_matmul_weights_in_the_compute_dtype(scan):
+    cfg = CFG.replace(dtype="bfloat16", scan_layers=scan)
+    variables = jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), nn.meta.unbox(variables["params"]))
+    frozen = probe.frozen_params(cfg, params)
+    dtypes = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(frozen)}
+    for name, dtype in dtypes.items():  # norm scales (2-D when scanned) stay float32: the model reads them so
+        assert dtype == (jnp.float32 if "scale" in name else jnp.bfloat16), name
+    assert probe.frozen_params(CFG, params) is params  # float32 compute: nothing to cast
+
+
+def test_bfloat16_features_are_those_of_the_float32_weights(lm_params):
+    enc = make_encoded(9, seed=4)
+    cfg = CFG.replace(dtype="bfloat16")
+    feats = probe.extract_features(cfg, lm_params, enc, -1, single_device_runtime(), batch_size=4)
+    model = LlamaForCausalLM(cfg)  # the float32 weights as given, each prompt alone
+    forward = jax.jit(lambda ids: model.apply({"params": lm_params}, ids, output_hidden_states=True)[1][-1])
+    ref = np.stack([np.asarray(forward(jnp.asarray([e["prompt"]]))[0, -1], np.float32) for e in enc])
+    np.testing.assert_allclose(feats, ref, atol=2e-2, rtol=2e-2)
 
 
 def test_extract_features_rejects_bad_layer_and_batch_size(lm_params):

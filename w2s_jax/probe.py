@@ -35,11 +35,6 @@ class ProbeParams(struct.PyTreeNode):
 
 
 # ------------------------------------------------------------------------------------------------ features
-def _prompt_items(encoded: Sequence[dict]) -> list[dict]:
-    """Views of encoded examples that hold only the prompt, so any scoring's encoding batches as `classify`."""
-    return [{"prompt": e["prompt"], "cands": e["cands"], "length": len(e["prompt"])} for e in encoded]
-
-
 def _batch_devices(runtime) -> int:
     """How many ways the runtime splits the batch dimension."""
     axes = runtime.batch_sharding.spec[0] if len(runtime.batch_sharding.spec) else None
@@ -59,43 +54,63 @@ def _check_layer(cfg: LlamaConfig, layer: int) -> int:
 
 
 def _layer_states(cfg: LlamaConfig, lm_params, batch, layer: int):
-    """Hidden state `layer` [B, L, H] of a batch. Under jit, the LM head and the layers after `layer` are dead code
-    and are not computed."""
+    """Hidden state `layer` [B, L, H] of a (packed) batch. Under jit, the LM head and the layers after `layer` are
+    dead code and are not computed."""
     _, hidden = LlamaForCausalLM(cfg).apply({"params": lm_params}, batch["input_ids"], batch["attention_mask"],
+                                            batch.get("positions"), batch.get("segment_ids"),
                                             output_hidden_states=True)
     return hidden[layer]
 
 
 def last_token_features_fn(cfg: LlamaConfig, layer: int):
-    """(lm_params, batch) -> float32 [B, H]: the hidden state `layer` at each row's `last_index`."""
+    """(lm_params, batch) -> float32 [B, S, H]: the hidden state `layer` at each of a packed batch's `last_index`
+    [B, S] (`batching.collate_packed`)."""
     layer = _check_layer(cfg, layer)
 
     def fn(lm_params, batch):
         h = _layer_states(cfg, lm_params, batch, layer)
-        return jnp.take_along_axis(h, batch["last_index"][:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return jnp.take_along_axis(h, batch["last_index"][:, :, None], axis=1).astype(jnp.float32)
     return fn
 
 
+def frozen_params(cfg: LlamaConfig, lm_params):
+    """`lm_params` with every matmul kernel and the embedding in the compute dtype: a frozen model's bfloat16
+    forward then does not convert its float32 weights on every batch, and holds half the memory. The results are
+    the same bits (the model casts them to that dtype itself); norm scales stay float32, as the model reads them."""
+    dtype = jnp.dtype(cfg.dtype)
+    if dtype == jnp.dtype(cfg.param_dtype):
+        return lm_params
+    cast = lambda path, p: p.astype(dtype) if path[-1].key in ("kernel", "embedding") else p
+    return jax.tree_util.tree_map_with_path(cast, lm_params)
+
+
 def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], fn, runtime, batch_size: int, what: str):
-    """Yield (indices into `encoded`, host output) of the jitted `fn(lm_params, batch)` over the prompts of
-    `encoded`, in length-bucketed batches sharded over the runtime's mesh, the frozen parameters placed on their
-    FSDP/tensor shardings."""
+    """Yield (rows, host output) of the jitted `fn(lm_params, batch)` over the prompts of `encoded`, packed
+    several to a row (`batching.pack_rows`; `rows[r]` lists the indices into `encoded` that row r holds, in order)
+    in batches of `batch_size` rows sharded over the runtime's mesh, the frozen parameters (`frozen_params`)
+    placed on their FSDP/tensor shardings.
+
+    Packing, not padding each prompt to a length bucket: on short texts (sentiment prompts) a third of the
+    positions of length-bucketed batches were padding. Every batch has one shape, so `fn` compiles once."""
     n_split = _batch_devices(runtime)
     if batch_size % n_split:
         raise ValueError(f"{what}: batch_size={batch_size} is not divisible by the {n_split} devices the "
                          f"mesh {dict(runtime.mesh.shape)} splits the batch over")
     shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), runtime.mesh,
                                          runtime.rules)
-    params = parallel.shard_params(lm_params, shardings)
+    params = parallel.shard_params(frozen_params(cfg, lm_params), shardings)
     jitted = jax.jit(fn, in_shardings=(shardings, runtime.batch_sharding), out_shardings=runtime.replicated)
-    items = _prompt_items(encoded)
-    for idx, chunk in batching.prediction_batches(items, batch_size):
-        # Length-sorted batches padded to a multiple of 32, not 128: on short texts (sentiment prompts) most of a
-        # 128-multiple batch was padding.
-        host = batching.collate(chunk, "classify", batch_size=batch_size, seq_len=batching.seq_bucket(chunk, 32))
-        batch = {k: host[k] for k in ("input_ids", "attention_mask", "last_index")}
+    prompts = [e["prompt"] for e in encoded]
+    if not prompts:
+        return
+    row_len = batching.bucket(max(map(len, prompts)), 32)
+    rows = batching.pack_rows([len(p) for p in prompts], row_len)
+    segments = max(map(len, rows))
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        batch = batching.collate_packed(prompts, chunk, row_len, batch_size, segments)
         with runtime.tracing():
-            yield idx, to_host(jitted(params, runtime.put_batch(batch)))
+            yield chunk, to_host(jitted(params, runtime.put_batch(batch)))
 
 
 def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, runtime,
@@ -104,14 +119,16 @@ def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer
 
     `layer` indexes `(embeddings, layer_1, ..., layer_{N-1}, norm(layer_N))`; negative counts from the end (-1 is
     the final normed output the classification head reads). `encoded` comes from `batching.encode_examples` (any
-    scoring: only the prompt is read). Batches are length-bucketed and sharded over the runtime's mesh; the frozen
-    parameters are placed on their FSDP/tensor shardings. With `scan_layers=True` an intermediate layer holds every
-    layer's states of a batch ([layers, B, L, H]) at once: lower `batch_size` if that does not fit.
+    scoring: only the prompt is read). Prompts are packed into rows, `batch_size` rows a batch, sharded over the
+    runtime's mesh; the frozen parameters are placed on their FSDP/tensor shardings. With `scan_layers=True` an
+    intermediate layer holds every layer's states of a batch ([layers, B, L, H]) at once: lower `batch_size` if
+    that does not fit.
     """
     fn = last_token_features_fn(cfg, layer)
     out = np.zeros((len(encoded), cfg.hidden_size), np.float32)
-    for idx, feats in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size, "extract_features"):
-        out[idx] = feats[:len(idx)]
+    for rows, feats in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size, "extract_features"):
+        for r, row in enumerate(rows):
+            out[row] = feats[r, :len(row)]
     return out
 
 
@@ -125,10 +142,12 @@ def extract_prompt_states(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], 
     lengths = [len(e["prompt"]) for e in encoded]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     out = np.zeros((int(starts[-1]), cfg.hidden_size), np.float32)
-    for idx, states in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size,
-                                           "extract_prompt_states"):
-        for r, i in enumerate(idx):
-            out[starts[i]:starts[i + 1]] = states[r, :lengths[i]]
+    for rows, states in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size, "extract_prompt_states"):
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                out[starts[i]:starts[i + 1]] = states[r, at:at + lengths[i]]
+                at += lengths[i]
     return out
 
 

@@ -133,6 +133,47 @@ def prediction_batches(encoded: Sequence[dict], batch_size: int):
         yield idx, [encoded[i] for i in idx]
 
 
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Indices of `lengths` packed into rows of at most `row_len` tokens: best fit, longest first, so that rows are
+    nearly full and a forward pass over them computes little padding. Deterministic."""
+    too_long = [n for n in lengths if n > row_len]
+    if too_long:
+        raise ValueError(f"pack_rows: a sequence of {max(too_long)} tokens does not fit rows of {row_len}")
+    rows: list[list[int]] = []
+    with_room: list[list[int]] = [[] for _ in range(row_len + 1)]  # with_room[c]: the rows with c free places
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        room = next((c for c in range(n, row_len + 1) if with_room[c]), None)
+        if room is None:
+            rows.append([])
+            r, room = len(rows) - 1, row_len
+        else:
+            r = with_room[room].pop()
+        rows[r].append(i)
+        with_room[room - n].append(r)
+    return rows
+
+
+def collate_packed(prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], row_len: int, batch_rows: int,
+                   segments: int) -> dict:
+    """One batch of packed rows (`pack_rows`) of independent prompts, [batch_rows, row_len]: input_ids,
+    attention_mask, positions (restarting at 0 for each prompt) and segment_ids (1, 2, ... along a row, 0 for
+    padding), so that every token attends only to its own prompt; and last_index [batch_rows, segments], each
+    prompt's last token in its row in the order of `rows` (0 where a row holds fewer)."""
+    shape = (batch_rows, row_len)
+    ids, mask, pos, seg = (np.zeros(shape, np.int32) for _ in range(4))
+    last = np.zeros((batch_rows, segments), np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, i in enumerate(row):
+            n = len(prompts[i])
+            ids[r, at:at + n], mask[r, at:at + n] = prompts[i], 1
+            pos[r, at:at + n], seg[r, at:at + n] = np.arange(n), s + 1
+            last[r, s] = at + n - 1
+            at += n
+    return {"input_ids": ids, "attention_mask": mask, "positions": pos, "segment_ids": seg, "last_index": last}
+
+
 def seq_bucket(items: Sequence[dict], multiple: int = 128) -> int:
     """Padded sequence length for a batch: its longest item, rounded up to a multiple of `multiple` (128: few
     compiles of a train step; a forward pass over length-sorted batches pads less with 32)."""

@@ -129,7 +129,8 @@ def attention_bias(attention_mask, segment_ids, length):
     """Additive bias [B, 1, L, L]: causal, no padded keys, and candidates only see the prompt and themselves.
 
     segment_ids (optional) packs several continuations after one prompt: segment 0 is the shared prompt, a token of
-    segment s > 0 sees the prompt and the earlier tokens of segment s. Fully masked rows (left padding) stay finite.
+    segment s > 0 sees the prompt and the earlier tokens of segment s. Rows without a segment 0 pack independent
+    sequences (`batching.collate_packed`). Fully masked rows (left padding) stay finite.
     """
     idx = jnp.arange(length)
     allowed = (idx[None, :] <= idx[:, None])[None]  # [1, L, L]
