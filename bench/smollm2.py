@@ -4,6 +4,7 @@ PyTorch, in float32 and bfloat16, side by side in one process.
     python bench/smollm2.py [--batch=32] [--seq=64] [--rounds=5] [--warmup=2] [--threads=2] [--devices=2]
                             [--dtypes=float32,bfloat16] [--phases=features,train] [--out=results.json]
     python bench/smollm2.py --quick            # smoke run: batch 4, one warm-up call and one timed round
+    python bench/smollm2.py --phases=job --layer=20 --rounds=3 --job_prompts=1000   # the pipeline's feature job
 
 The model is the real SmolLM2-135M-Instruct GGUF file (`w2s_jax.assets.smollm2_gguf()`), dequantised once by
 `convert.load_gguf` into float32 parameters; PyTorch gets the very same weights (`torch_model`). The batch is real
@@ -24,6 +25,10 @@ SmolLM2's tokenizer, right-padded to --seq as `batching.collate` pads them), or 
             lr 5e-5, cosine schedule), jitted by `train.jit_step` with the state donated. PyTorch: the trunk
             (`model.model`), the same gather and bias-free head in float32, soft-target cross-entropy, backward
             and `torch.optim.Adam(fused=True)` over the trunk and the head. Every parameter trains, in both.
+  job       The features of many prompts (the sentiment test split's first --job_prompts), the whole job timed:
+            ours is `probe.extract_features` as the pipeline calls it (prompts packed into rows, its compilation
+            included in every call); PyTorch's is written well (`torch_job`: length-sorted batches padded to their
+            own longest prompt, the layers after --layer cut off). No warm-up; tokens/s counts prompt tokens.
 
 Dtypes: float32 for both frameworks, and bfloat16 as each framework's mixed precision: ours with the model
 config's `dtype="bfloat16"` (float32 parameters and optimizer state, bfloat16 matmuls with float32
