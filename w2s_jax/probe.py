@@ -91,7 +91,10 @@ def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], fn, runti
     placed on their FSDP/tensor shardings.
 
     Packing, not padding each prompt to a length bucket: on short texts (sentiment prompts) a third of the
-    positions of length-bucketed batches were padding. Every batch has one shape, so `fn` compiles once."""
+    positions of length-bucketed batches were padding. Every batch has one shape, so `fn` compiles once. The
+    price: every row is as long as the longest prompt (rounded up to 32), and each token's attention spans its
+    row. That is a few percent for SmolLM2 on rows of 96 (docs/BENCHMARKS.md), but far more for a small model when
+    one long prompt sets the row length for many short ones."""
     n_split = _batch_devices(runtime)
     if batch_size % n_split:
         raise ValueError(f"{what}: batch_size={batch_size} is not divisible by the {n_split} devices the "
