@@ -58,3 +58,19 @@ def test_collate_packed_restarts_positions_and_segments_per_prompt():
     np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0], [0] * 6])
     np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0], [0] * 6])
     np.testing.assert_array_equal(b["last_index"], [[3, 5], [2, 0], [0, 0]])
+
+
+def test_packed_batches_keep_short_prompts_in_short_rows():
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 50, n).tolist() for n in [1000, *rng.integers(5, 60, 40), 300]]
+    seen, shapes = [], {}
+    for rows, batch in batching.packed_batches(prompts, 4):
+        seen += [i for row in rows for i in row]
+        longest = max(len(prompts[i]) for row in rows for i in row)
+        shapes[longest] = batch["input_ids"].shape
+        for r, row in enumerate(rows):  # each row holds its prompts one after the other
+            np.testing.assert_array_equal(batch["input_ids"][r, :sum(len(prompts[i]) for i in row)],
+                                          [t for i in row for t in prompts[i]])
+    assert sorted(seen) == list(range(42))
+    assert shapes[1000] == (4, 1024) and shapes[300] == (4, 320)  # a class of its own each
+    assert all(shape == (4, 64) for longest, shape in shapes.items() if longest < 60)  # not 1024 long

@@ -86,15 +86,13 @@ def frozen_params(cfg: LlamaConfig, lm_params):
 
 def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], fn, runtime, batch_size: int, what: str):
     """Yield (rows, host output) of the jitted `fn(lm_params, batch)` over the prompts of `encoded`, packed
-    several to a row (`batching.pack_rows`; `rows[r]` lists the indices into `encoded` that row r holds, in order)
-    in batches of `batch_size` rows sharded over the runtime's mesh, the frozen parameters (`frozen_params`)
-    placed on their FSDP/tensor shardings.
+    several to a row (`rows[r]` lists the indices into `encoded` that row r holds, in order) in batches of
+    `batch_size` rows sharded over the runtime's mesh, the frozen parameters (`frozen_params`) placed on their
+    FSDP/tensor shardings.
 
-    Packing, not padding each prompt to a length bucket: on short texts (sentiment prompts) a third of the
-    positions of length-bucketed batches were padding. Every batch has one shape, so `fn` compiles once. The
-    price: every row is as long as the longest prompt (rounded up to 32), and each token's attention spans its
-    row. That is a few percent for SmolLM2 on rows of 96 (docs/BENCHMARKS.md), but far more for a small model when
-    one long prompt sets the row length for many short ones."""
+    Packing (`batching.packed_batches`), not padding each prompt to a length bucket: on short texts (sentiment
+    prompts) a third of the positions of length-bucketed batches were padding. The price is attention over whole
+    rows: a few percent for SmolLM2 on the sentiment task's rows of 96 (docs/BENCHMARKS.md)."""
     n_split = _batch_devices(runtime)
     if batch_size % n_split:
         raise ValueError(f"{what}: batch_size={batch_size} is not divisible by the {n_split} devices the "
@@ -103,17 +101,9 @@ def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], fn, runti
                                          runtime.rules)
     params = parallel.shard_params(frozen_params(cfg, lm_params), shardings)
     jitted = jax.jit(fn, in_shardings=(shardings, runtime.batch_sharding), out_shardings=runtime.replicated)
-    prompts = [e["prompt"] for e in encoded]
-    if not prompts:
-        return
-    row_len = batching.bucket(max(map(len, prompts)), 32)
-    rows = batching.pack_rows([len(p) for p in prompts], row_len)
-    segments = max(map(len, rows))
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        batch = batching.collate_packed(prompts, chunk, row_len, batch_size, segments)
+    for rows, batch in batching.packed_batches([e["prompt"] for e in encoded], batch_size):
         with runtime.tracing():
-            yield chunk, to_host(jitted(params, runtime.put_batch(batch)))
+            yield rows, to_host(jitted(params, runtime.put_batch(batch)))
 
 
 def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, runtime,

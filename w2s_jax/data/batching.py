@@ -174,6 +174,26 @@ def collate_packed(prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[int
     return {"input_ids": ids, "attention_mask": mask, "positions": pos, "segment_ids": seg, "last_index": last}
 
 
+def packed_batches(prompts: Sequence[Sequence[int]], batch_rows: int):
+    """Yield (rows, batch) over `prompts` packed into rows (`pack_rows`, `collate_packed`), `batch_rows` rows a
+    batch; `rows[r]` lists the indices into `prompts` that row r holds.
+
+    Prompts are first split by length class (up to 128 tokens, then up to each power of two), and each class packs
+    into rows as long as its longest prompt, rounded up to 32: a token's attention spans its whole row, so one
+    long prompt does not make the rows of many short ones long. One shape per class, so few compilations."""
+    classes: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        classes.setdefault(max(128, 1 << (len(p) - 1).bit_length()), []).append(i)
+    for members in classes.values():
+        lengths = [len(prompts[i]) for i in members]
+        row_len = bucket(max(lengths), 32)
+        rows = [[members[j] for j in row] for row in pack_rows(lengths, row_len)]
+        segments = max(map(len, rows))
+        for s in range(0, len(rows), batch_rows):
+            chunk = rows[s:s + batch_rows]
+            yield chunk, collate_packed(prompts, chunk, row_len, batch_rows, segments)
+
+
 def seq_bucket(items: Sequence[dict], multiple: int = 128) -> int:
     """Padded sequence length for a batch: its longest item, rounded up to a multiple of `multiple` (128: few
     compiles of a train step; a forward pass over length-sorted batches pads less with 32)."""
