@@ -94,6 +94,8 @@ def parse_args(argv=None):
             if f"--{name}" not in given:
                 setattr(args, name, value)
     throughput.check_run_args(p, args, ("batch", "seq", "rounds"), args.devices or str(args.threads))
+    if args.job_prompts < 0:
+        p.error(f"--job_prompts={args.job_prompts}: expected a count >= 0 (0: every test prompt)")
     bad = [d for d in args.devices if d < 1 or args.batch % d]
     if bad:
         p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
