@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from w2s_jax import metrics
@@ -220,3 +221,35 @@ def test_sentiment_smoke_finetuning_the_top_layers(tmp_path):
                       for split in ("test", "train")]
     rerun = run_main(*args)
     assert ": training " not in rerun.stderr
+
+
+def test_sentiment_smoke_head_initialised_from_a_probe(tmp_path):
+    """`train.head_init='probe'` (linear probing, then finetuning): each head starts as a probe fitted on what it
+    reads, the final normed state at the last prompt token. At a learning rate of 0 nothing moves, so the finetuned
+    supervisor's labels are that probe's: fitted on the right examples and features, and read by the head through
+    the top-layers path (the frozen lower layer's cached states)."""
+    from w2s_jax import assets, elicitation, pipeline
+    from configs import sentiment
+    if not (assets.is_cached(assets.SMOLLM2) and assets.is_cached(assets.SENTIMENT)):
+        pytest.skip("the assets are not cached: python -m w2s_jax.assets all")
+    workdir = str(tmp_path / "run")
+    train = dict(method="finetune", trainable_layers=1, lr=0.0, length_multiple=32, head_init="probe")
+    experiment = dict(seeds="0", losses="xent", ground_truth="mid", pairs="mid->strong", chains="", controls="")
+    run_main("--config=configs/sentiment.py:smoke", f"--workdir={workdir}",
+             *[f"--config.train.{k}={v}" for k, v in train.items()],
+             *[f"--config.experiment.{k}={v}" for k, v in experiment.items()])
+    cfg = sentiment.get_config("smoke")
+    cfg.train.update(train)
+    cfg.experiment.update(experiment)
+    exp = pipeline.Experiment(cfg, workdir)
+    exp.prepare_data()
+    exp.use_seed(0)
+    kernel = exp.probe_head_kernel("mid", "A", list(range(len(exp.half_a))), pipeline.one_hot_targets(exp.half_a))
+    feats_b = elicitation.model_features(exp, "mid", layer=-1)["train"][exp.idx["B"]]
+    logits = feats_b @ kernel
+    want = np.exp(logits - logits.max(-1, keepdims=True))
+    with open(os.path.join(workdir, "runs", "gt_mid", "labels_B.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["id"] for r in rows] == [ex["id"] for ex in exp.half_b]
+    np.testing.assert_allclose([r["probs"] for r in rows], want / want.sum(-1, keepdims=True), atol=1e-4)
+    assert np.abs(kernel).max() > 0  # a fitted head, not the zero one

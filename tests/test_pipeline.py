@@ -119,8 +119,11 @@ def test_unknown_tokenizer_split_is_refused():
     ("sciq", {"trainable_layers": 1, "methods": "finetune_probe"}, "'finetune_probe' probes the finetuned model's "
                                                                    "layer probe.layer, which train.trainable_layers=1"),
     ("sciq", {"length_multiple": 0}, "train.length_multiple=0: expected a positive integer"),
+    ("sciq", {"head_init": "linear"}, "train.head_init='linear': expected 'zero', 'unembed' or 'probe'"),
+    ("chess", {"head_init": "probe"}, "train.head_init='probe' starts a classification head, which needs "
+                                      "task.scoring='classify', not 'choice_lm'"),
 ])
-def test_bad_top_layer_settings_are_refused(config, updates, message):
+def test_bad_train_settings_are_refused(config, updates, message):
     cfg = {"chess": chess_config, "sciq": sciq_config}[config].get_config("smoke")
     if "methods" in updates:
         cfg.experiment.methods = updates.pop("methods")

@@ -186,6 +186,24 @@ def test_probe_recovers_a_planted_linear_direction():
     assert not np.array_equal(other.weight, params.weight)  # the seed drives the minibatch order
 
 
+def test_head_kernel_is_a_bias_free_probe_blind_to_each_features_scale():
+    """`fit_head_kernel` (train.head_init='probe'): labels sign(w.x) need no bias, so the kernel alone recovers
+    them; rescaling a feature rescales its kernel row inversely and changes nothing else (the fit sees the features
+    divided by their std)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=16)
+    x = rng.normal(size=(1200, 16)) * rng.uniform(0.2, 5.0, 16)
+    labels = (x @ w > 0).astype(int)
+    x = x.astype(np.float32)
+    targets = np.eye(2, dtype=np.float32)[labels]
+    fit = lambda feats: probe.fit_head_kernel(feats[:1000], targets[:1000], lr=0.05, epochs=20, batch_size=100)
+    kernel = fit(x)
+    assert kernel.shape == (16, 2) and kernel.dtype == np.float32
+    assert np.mean(np.argmax(x[1000:] @ kernel, -1) == labels[1000:]) >= 0.95
+    scale = rng.uniform(0.1, 10.0, 16).astype(np.float32)
+    np.testing.assert_allclose(fit(x * scale), kernel / scale[:, None], rtol=1e-3, atol=1e-6)
+
+
 def shortcut_case():
     """Train: a noisy real feature and a tiny feature that separates the train set perfectly. Without L2 the
     probe leans more and more on the shortcut; the validation labels sign(a + 5 s) are best matched mid-way

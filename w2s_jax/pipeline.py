@@ -137,6 +137,11 @@ def validate_config(cfg) -> None:
         if other:
             problems.append(f"experiment.losses: train.method='probe' fits probes by cross-entropy on the soft "
                             f"labels ('xent'); {sorted(set(other))} need finetuning")
+    if cfg.train.head_init not in ("zero", "unembed", "probe"):
+        problems.append(f"train.head_init={cfg.train.head_init!r}: expected 'zero', 'unembed' or 'probe'")
+    elif cfg.train.head_init != "zero" and cfg.task.get("scoring") != "classify":
+        problems.append(f"train.head_init={cfg.train.head_init!r} starts a classification head, which needs "
+                        f"task.scoring='classify', not {cfg.task.get('scoring')!r}")
     k = cfg.train.get("trainable_layers", 0)
     if not isinstance(k, int) or k < 0:
         problems.append(f"train.trainable_layers={k!r}: expected 0 (train every layer) or a positive number of top "
@@ -546,8 +551,9 @@ class Experiment:
                 "label_sets": {k: self.examples_digest(split_examples[s]) for k, s in sorted(label_sets.items())},
                 "features_for": {s: self.examples_digest(split_examples[s]) for s in features_for},
                 "probe_layer": self.feature_layer(model) if features_for or self.probing else None}
-        if self.probing:
+        if self.probing or self.cfg.train.head_init == "probe":  # the probe settings fit the probe (or the head)
             spec.update({f"probe.{k}": v for k, v in self.cfg.probe.to_dict().items() if k != "layer"})
+        if self.probing:
             compute = lambda: self._probe_and_predict(run, model, train_split, train_idx, targets, label_sets,
                                                       val if early else None, val_kind)
         else:
@@ -604,6 +610,17 @@ class Experiment:
             result["labels"][label_name] = self.write_labels(run, label_name, exs, logits)
         return result
 
+    def probe_head_kernel(self, model: str, train_split: str, train_idx: list[int], targets) -> np.ndarray:
+        """`train.head_init='probe'`: the head's starting kernel, a probe (`probe.fit_head_kernel`, the `probe`
+        settings) on what the head reads, the frozen model's final normed state at the last prompt token, fitted on
+        the run's own training examples and targets."""
+        from w2s_jax import elicitation, probe
+        feats = elicitation.model_features(self, model, layer=-1)["train"][self.idx[train_split]][train_idx]
+        p = self.cfg.probe
+        log.info("fitting %s's head as a probe on its final features (train.head_init='probe')", model)
+        return probe.fit_head_kernel(feats, stack_targets(targets), l2=p.l2, lr=p.lr, epochs=p.epochs,
+                                     batch_size=min(p.batch_size, len(train_idx)), seed=self.seed)
+
     def write_labels(self, run: str, label_name: str, examples: list[dict], logits) -> str:
         """Soft labels (the softmax over each example's candidates) with the example ids, as runs/<run>/labels_*."""
         path = self.path("runs", run, f"labels_{label_name}.jsonl")
@@ -622,12 +639,14 @@ class Experiment:
         cfg, tcfg = self.cfg, self.cfg.train
         lcfg, lm_params = self.load_model(model)
         lcfg = lcfg.replace(remat_policy=cfg.model_defaults.remat_policy)
-        label_ids = None
+        label_ids, probe_kernel = None, None
         if tcfg.head_init == "unembed":
             label_ids = [self.tokenizer(w, add_special_tokens=False)["input_ids"][-1]
                          for w in self.test[0]["candidates"]]
+        elif tcfg.head_init == "probe":
+            probe_kernel = self.probe_head_kernel(model, train_split, train_idx, targets)
         head = heads.init_head(self.scoring, len(self.test[0]["candidates"]), lm_params, lcfg, tcfg.head_init,
-                               label_ids)
+                               label_ids, probe_kernel)
         encs, lm_keys = self.enc, None
         if 0 < tcfg.trainable_layers < lcfg.num_hidden_layers:  # the top layers alone, on their inputs' states
             encs = self.top_layer_inputs(model, tcfg.trainable_layers)

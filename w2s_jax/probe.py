@@ -190,6 +190,19 @@ def as_linear_head(params: ProbeParams) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), (np.asarray(params.bias, np.float64) - mean @ kernel).astype(np.float32)
 
 
+def fit_head_kernel(features, targets, **train_kwargs) -> np.ndarray:
+    """A probe in the classification head's form (`features @ kernel`, no bias; models/heads.py): kernel [H, K].
+
+    For `train.head_init='probe'`, linear probing then finetuning (Kumar et al., 2022): the head starts where a
+    probe on the frozen features ends, instead of at zero. Fitted by `train_logreg(..., **train_kwargs)` on the
+    features divided by their std (scaled, not centred: centring would need a bias the head does not have), so
+    `l2` and `lr` mean what they mean for the standardised probes; the scale is folded back into the kernel."""
+    x, _ = _check_data(features, targets, "fit_head_kernel")
+    _, std = _standardization(x)
+    params = train_logreg(x / std, targets, standardize=False, bias=False, **train_kwargs)
+    return (np.asarray(params.weight, np.float64) / std[:, None]).astype(np.float32)
+
+
 def _check_data(features, targets, what: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(features, np.float32), np.asarray(targets, np.float32)
     if x.ndim != 2 or y.ndim != 2:

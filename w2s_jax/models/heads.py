@@ -20,8 +20,10 @@ def head_outputs(scoring: str, num_classes: int) -> int:
     return {"classify": num_classes, "reward": 1, "choice_lm": 0}[scoring]
 
 
-def init_head(scoring: str, num_classes: int, lm_params, cfg: LlamaConfig, init: str = "zero", label_token_ids=None):
-    """A linear head without bias: zero-initialised (the reference), or from the unembedding rows of label tokens."""
+def init_head(scoring: str, num_classes: int, lm_params, cfg: LlamaConfig, init: str = "zero", label_token_ids=None,
+              probe_kernel=None):
+    """A linear head without bias: zero-initialised (the reference), from the unembedding rows of label tokens, or
+    a probe fitted on the frozen model's features (`probe.fit_head_kernel`, given as `probe_kernel`)."""
     n = head_outputs(scoring, num_classes)
     if n == 0:
         return None
@@ -31,8 +33,13 @@ def init_head(scoring: str, num_classes: int, lm_params, cfg: LlamaConfig, init:
         if scoring != "classify" or label_token_ids is None or len(label_token_ids) != n:
             raise ValueError("train.head_init='unembed' needs classify scoring and one token per label word")
         kernel = jnp.asarray(unembedding(cfg, lm_params))[:, jnp.asarray(label_token_ids)]
+    elif init == "probe":
+        if scoring != "classify" or probe_kernel is None or probe_kernel.shape != (cfg.hidden_size, n):
+            raise ValueError(f"train.head_init='probe' needs classify scoring and a probe kernel of shape "
+                             f"{(cfg.hidden_size, n)}")
+        kernel = jnp.asarray(probe_kernel, jnp.dtype(cfg.param_dtype))
     else:
-        raise ValueError(f"train.head_init={init!r}: expected 'zero' or 'unembed'")
+        raise ValueError(f"train.head_init={init!r}: expected 'zero', 'unembed' or 'probe'")
     return {"kernel": kernel}
 
 
