@@ -100,6 +100,22 @@ def test_extract_features_rejects_bad_layer_and_batch_size(lm_params):
         probe.extract_features(CFG, lm_params, enc, -1, make_runtime({"fsdp": -1}), batch_size=6)
 
 
+def test_a_second_extraction_reuses_the_first_ones_compilations(lm_params):
+    """The forward is built once per (config, layer, mesh): extracting the test set after the training pool, or
+    the prompt states of the same layer's model, compiles nothing new for shapes it has seen."""
+    rt = single_device_runtime()
+    enc = make_encoded(12, seed=4)
+    probe._jitted_forward.cache_clear()
+    first = probe.extract_features(CFG, lm_params, enc, 1, rt, batch_size=4)
+    jitted, _ = probe._jitted_forward(CFG, 1, False, rt.mesh, rt.rules)
+    compiled = jitted._cache_size()
+    assert compiled >= 1
+    np.testing.assert_array_equal(probe.extract_features(CFG, lm_params, enc, 1, rt, batch_size=4), first)
+    probe.extract_features(CFG, lm_params, enc, -2, rt, batch_size=4)  # -2 is layer 1 of this 2-layer model
+    assert jitted._cache_size() == compiled
+    assert probe._jitted_forward.cache_info().misses == 1
+
+
 def test_cached_features_computes_once(tmp_path):
     calls = []
 

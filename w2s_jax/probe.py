@@ -10,6 +10,7 @@ A probe with `standardize=False, bias=False` on the final layer is exactly the c
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Optional, Sequence
@@ -84,8 +85,25 @@ def frozen_params(cfg: LlamaConfig, lm_params):
     return jax.tree_util.tree_map_with_path(cast, lm_params)
 
 
-def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], fn, runtime, batch_size: int, what: str):
-    """Yield (rows, host output) of the jitted `fn(lm_params, batch)` over the prompts of `encoded`, packed
+@functools.lru_cache(maxsize=16)
+def _jitted_forward(cfg: LlamaConfig, layer: int, every_token: bool, mesh, rules):
+    """(jitted forward, the frozen parameters' shardings) for `_map_prompts`: hidden state `layer` at every position
+    ([B, L, H]) or at each packed prompt's last token ([B, S, H]), float32. Built once per model config, layer and
+    mesh, so a second extraction (the test set after the training pool) reuses the first one's compilations: jit
+    caches them per function object."""
+    shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), mesh, rules)
+    if every_token:
+        fn = lambda p, b: _layer_states(cfg, p, b, layer).astype(jnp.float32)
+    else:
+        fn = last_token_features_fn(cfg, layer)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(fn, in_shardings=(shardings, parallel.batch_sharding(mesh, rules)), out_shardings=replicated)
+    return jitted, shardings
+
+
+def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, every_token: bool, runtime,
+                 batch_size: int, what: str):
+    """Yield (rows, host output) of the jitted forward (`_jitted_forward`) over the prompts of `encoded`, packed
     several to a row (`rows[r]` lists the indices into `encoded` that row r holds, in order) in batches of
     `batch_size` rows sharded over the runtime's mesh, the frozen parameters (`frozen_params`) placed on their
     FSDP/tensor shardings.
@@ -97,10 +115,8 @@ def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], fn, runti
     if batch_size % n_split:
         raise ValueError(f"{what}: batch_size={batch_size} is not divisible by the {n_split} devices the "
                          f"mesh {dict(runtime.mesh.shape)} splits the batch over")
-    shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), runtime.mesh,
-                                         runtime.rules)
+    jitted, shardings = _jitted_forward(cfg, _check_layer(cfg, layer), every_token, runtime.mesh, runtime.rules)
     params = parallel.shard_params(frozen_params(cfg, lm_params), shardings)
-    jitted = jax.jit(fn, in_shardings=(shardings, runtime.batch_sharding), out_shardings=runtime.replicated)
     for rows, batch in batching.packed_batches([e["prompt"] for e in encoded], batch_size):
         with runtime.tracing():
             yield rows, to_host(jitted(params, runtime.put_batch(batch)))
@@ -117,9 +133,8 @@ def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer
     intermediate layer holds every layer's states of a batch ([layers, B, L, H]) at once: lower `batch_size` if
     that does not fit.
     """
-    fn = last_token_features_fn(cfg, layer)
     out = np.zeros((len(encoded), cfg.hidden_size), np.float32)
-    for rows, feats in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size, "extract_features"):
+    for rows, feats in _map_prompts(cfg, lm_params, encoded, layer, False, runtime, batch_size, "extract_features"):
         for r, row in enumerate(rows):
             out[row] = feats[r, :len(row)]
     return out
@@ -130,12 +145,11 @@ def extract_prompt_states(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], 
     """Hidden state `layer` at every prompt token: [sum of the prompt lengths, hidden] float32, the examples of
     `encoded` one after the other (`split_states` cuts them apart). What a model's top layers read when the layers
     up to `layer` are frozen (top_layers.py)."""
-    layer = _check_layer(cfg, layer)
-    fn = lambda p, b: _layer_states(cfg, p, b, layer).astype(jnp.float32)
     lengths = [len(e["prompt"]) for e in encoded]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     out = np.zeros((int(starts[-1]), cfg.hidden_size), np.float32)
-    for rows, states in _map_prompts(cfg, lm_params, encoded, fn, runtime, batch_size, "extract_prompt_states"):
+    for rows, states in _map_prompts(cfg, lm_params, encoded, layer, True, runtime, batch_size,
+                                     "extract_prompt_states"):
         for r, row in enumerate(rows):
             at = 0
             for i in row:
