@@ -228,7 +228,7 @@ def test_sentiment_smoke_head_initialised_from_a_probe(tmp_path):
     reads, the final normed state at the last prompt token. At a learning rate of 0 nothing moves, so the finetuned
     supervisor's labels are that probe's: fitted on the right examples and features, and read by the head through
     the top-layers path (the frozen lower layer's cached states)."""
-    from w2s_jax import assets, elicitation, pipeline
+    from w2s_jax import assets, elicitation, pipeline, probe
     from configs import sentiment
     if not (assets.is_cached(assets.SMOLLM2) and assets.is_cached(assets.SENTIMENT)):
         pytest.skip("the assets are not cached: python -m w2s_jax.assets all")
@@ -244,9 +244,11 @@ def test_sentiment_smoke_head_initialised_from_a_probe(tmp_path):
     exp = pipeline.Experiment(cfg, workdir)
     exp.prepare_data()
     exp.use_seed(0)
-    kernel = exp.probe_head_kernel("mid", "A", list(range(len(exp.half_a))), pipeline.one_hot_targets(exp.half_a))
-    feats_b = elicitation.model_features(exp, "mid", layer=-1)["train"][exp.idx["B"]]
-    logits = feats_b @ kernel
+    feats = elicitation.model_features(exp, "mid", layer=-1)["train"]  # the final state, as the head reads it
+    p = cfg.probe
+    kernel = probe.fit_head_kernel(feats[exp.idx["A"]], np.stack(pipeline.one_hot_targets(exp.half_a)), l2=p.l2,
+                                   lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, seed=0)
+    logits = feats[exp.idx["B"]] @ kernel
     want = np.exp(logits - logits.max(-1, keepdims=True))
     with open(os.path.join(workdir, "runs", "gt_mid", "labels_B.jsonl")) as f:
         rows = [json.loads(line) for line in f]

@@ -302,7 +302,7 @@ class Experiment:
         self.derived: dict[str, str] = {}  # models made by a stage (generative finetuning): name -> HF directory
         self.digests: dict[str, str] = {}  # input digests: "model:<name>", "tokenizer", "test", ...
         self._configs: dict[str, object] = {}  # checkpoint path -> LlamaConfig
-        self._features: dict[str, dict] = {}  # model -> frozen features {"train": pool, "test": test set}
+        self._features: dict[str, dict] = {}  # model[@layer|@states] -> {"train": pool, "test": test set}
         os.makedirs(workdir, exist_ok=True)
         # Checkpoint paths, with shipped assets ('asset:smollm2') fetched into the asset cache when first needed.
         self.checkpoints = {name: resolve_checkpoint(m.checkpoint) for name, m in cfg.models.items()
@@ -565,13 +565,15 @@ class Experiment:
     def probing(self) -> bool:
         return self.cfg.train.method == "probe"
 
-    def features(self, model: str, split: str) -> np.ndarray:
-        """Frozen features of `model` for the examples of a split ('A', 'B', 'test'), computed once for the whole
-        training pool (cached on disk), so every seed's halves are rows of the same array."""
+    def features(self, model: str, split: str, layer: int | None = None) -> np.ndarray:
+        """Frozen features of `model` at its probe layer (or `layer`) for the examples of a split ('A', 'B',
+        'test'), computed once for the whole training pool (cached on disk, and in memory for the run), so every
+        seed's halves are rows of the same array."""
         from w2s_jax import elicitation
-        if model not in self._features:  # read (or computed) once a run, not once a probe
-            self._features[model] = elicitation.model_features(self, model)
-        feats = self._features[model]
+        key = model if layer is None else f"{model}@layer{layer}"
+        if key not in self._features:  # read (or computed) once a run, not once a probe
+            self._features[key] = elicitation.model_features(self, model, layer)
+        feats = self._features[key]
         return feats["test"] if split == "test" else feats["train"][self.idx[split]]
 
     def top_layer_inputs(self, model: str, k: int) -> dict[str, list[dict]]:
@@ -614,8 +616,8 @@ class Experiment:
         """`train.head_init='probe'`: the head's starting kernel, a probe (`probe.fit_head_kernel`, the `probe`
         settings) on what the head reads, the frozen model's final normed state at the last prompt token, fitted on
         the run's own training examples and targets."""
-        from w2s_jax import elicitation, probe
-        feats = elicitation.model_features(self, model, layer=-1)["train"][self.idx[train_split]][train_idx]
+        from w2s_jax import probe
+        feats = self.features(model, train_split, layer=-1)[train_idx]
         p = self.cfg.probe
         log.info("fitting %s's head as a probe on its final features (train.head_init='probe')", model)
         return probe.fit_head_kernel(feats, stack_targets(targets), l2=p.l2, lr=p.lr, epochs=p.epochs,
