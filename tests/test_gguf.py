@@ -345,6 +345,18 @@ def test_linear_rope_scaling_and_defaults_from_metadata(tmp_path):
     assert (cfg.vocab_size, cfg.num_key_value_heads, cfg.head_dim, cfg.tie_word_embeddings) == (64, 2, 16, True)
 
 
+def test_a_file_is_parsed_once_until_it_changes(tmp_path):
+    """Loading the same file again reuses its parsed metadata; a file rewritten at the same path is read anew."""
+    path = small_file(tmp_path)
+    assert convert._open_gguf(path) is convert._open_gguf(path)
+    _, first = convert.load_gguf(path)
+    double = lambda weights: weights.update({k: 2 * v for k, v in weights.items()})
+    small_file(tmp_path, edit=double, metadata={"test.revision": 2})  # new weights, another size
+    _, second = convert.load_gguf(path)
+    np.testing.assert_allclose(second["embed_tokens"]["embedding"], 2 * first["embed_tokens"]["embedding"],
+                               rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Errors: one line, naming the file and what is wrong with it
 
