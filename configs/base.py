@@ -115,6 +115,11 @@ def get_base_config():
     # glibc malloc for host buffers (w2s_jax.host_memory): "retain" keeps freed memory in the process, so CPU train
     # steps do not page-fault their large buffers in every step; "default" leaves glibc as it is.
     c.host_malloc = "default"
+    # Virtual CPU devices on a CPU-only machine (the batch is sharded over them; 0: one per core). XLA:CPU runs most
+    # fused element-wise work on one thread, so small models use every core only with one device per core, while a
+    # model whose matmuls dominate (SmolLM2-135M) is faster on one device (docs/BENCHMARKS.md). An explicit
+    # --xla_force_host_platform_device_count in XLA_FLAGS wins.
+    c.cpu_devices = 0
     return c
 
 

@@ -43,6 +43,9 @@ def get_config(preset: str = "default"):
     c.experiment.update(pairs="scratch->strong,weak->strong,mid->strong", losses="xent", chains="weak->mid->strong",
                         controls="random_flips", seeds="0,1,2,3,4")
     c.eval.batch_size = 32
+    # One device: SmolLM2's matmuls already use both cores, and sharding over a second virtual device made its
+    # feature extraction and train steps slower in every measurement (docs/BENCHMARKS.md).
+    c.cpu_devices = 1
     if preset == "default":
         c.task.update(sources="movie", n_train=2400, n_test=1600)
     elif preset == "large":

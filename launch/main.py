@@ -20,11 +20,6 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-# On a CPU, XLA runs most fused element-wise work on one thread: one virtual device per core (the batch is sharded
-# over them) is what uses every core. Set before jax starts; an explicit device count in XLA_FLAGS wins.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict, config_flags  # noqa: E402
@@ -265,6 +260,16 @@ def print_config(cfg, spec: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the run
+def cpu_device_flags(xla_flags: str, devices: int, cores: int) -> str:
+    """XLA_FLAGS with `devices` virtual CPU devices (config.cpu_devices; 0: one per core). An explicit count
+    already in XLA_FLAGS wins. Only the CPU backend reads it, and only when it starts."""
+    if devices < 0:
+        raise UserError(f"config.cpu_devices={devices}: expected 0 (one per core) or a positive number")
+    if "xla_force_host_platform_device_count" in xla_flags:
+        return xla_flags
+    return f"{xla_flags} --xla_force_host_platform_device_count={devices or cores}".strip()
+
+
 def check_workdir(path: str) -> None:
     """A UserError if `path` cannot become the output directory: a file there or above it, no permission. Checked
     before the slow imports; the pipeline creates it."""
@@ -292,7 +297,9 @@ def main(argv):
     check_workdir(workdir)
     logging.getLogger().setLevel(logging.WARNING)  # libraries (orbax, absl) stay quiet
     logging.getLogger("w2s_jax").setLevel(logging.INFO)
-    # Before anything touches a device: the host allocator (it must precede XLA's threads), then multi-host.
+    # Before anything touches a device: the CPU devices and the host allocator (both must precede XLA's start),
+    # then multi-host.
+    os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.cpu_devices, os.cpu_count() or 1)
     from w2s_jax import host_memory, parallel
     try:
         retained = host_memory.retain_freed_memory(cfg.host_malloc)

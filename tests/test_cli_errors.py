@@ -90,6 +90,16 @@ CASES = {
     "workdir_under_a_file": ([SMOKE, "--workdir={tmp}/a_file/run"], {},
                              "workdir {tmp}/a_file/run: {tmp}/a_file is a file, not a directory; give --workdir=DIR, "
                              "a new or existing directory"),
+    # config.cpu_devices reaches XLA (no device count in XLA_FLAGS): the mesh sees 5 devices on this 2-core machine
+    "cpu_devices_reach_xla": ([SMOKE, "--config.cpu_devices=5", "--config.mesh.fsdp=3"], {"XLA_FLAGS": ""},
+                              "mesh config {{'data': 1, 'fsdp': 3, 'tensor': 1}}: sizes multiply to 3 but there are "
+                              "5 devices"),
+    "xla_flags_count_wins": ([SMOKE, "--config.cpu_devices=5", "--config.mesh.fsdp=2"],
+                             {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+                             "mesh config {{'data': 1, 'fsdp': 2, 'tensor': 1}}: sizes multiply to 2 but there are "
+                             "3 devices"),
+    "negative_cpu_devices": ([SMOKE, "--config.cpu_devices=-1"], {},
+                             "config.cpu_devices=-1: expected 0 (one per core) or a positive number"),
     # data
     "no_hub": ([SCIQ], {}, NO_HUB),
     "no_data_file": ([SCIQ, "--config.task.data_files=/nonexistent.jsonl"], {},

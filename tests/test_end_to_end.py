@@ -57,6 +57,8 @@ def check_results_consistent(workdir):
         lo, hi = run["accuracy_ci"]
         assert lo - 1e-9 <= run["accuracy"] <= hi + 1e-9
     assert results["config"] and results["versions"]["jax"] and "command" in results
+    devices = results["config"]["cpu_devices"] or os.cpu_count()  # run_main clears XLA_FLAGS
+    assert results["devices"] == {"count": devices, "platform": "cpu", "processes": 1}
     assert os.path.isfile(os.path.join(workdir, "results.md"))
     assert os.listdir(os.path.join(workdir, "plots"))
     return results

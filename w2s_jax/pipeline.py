@@ -1010,7 +1010,9 @@ def provenance(cfg) -> dict:
     commit = git("rev-parse", "--short", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return {"config": json.loads(metrics.to_json(cfg.to_dict())), "command": " ".join(["python"] + sys.argv),
-            "commit": (commit + ("+uncommitted changes" if dirty else "")) or None, "versions": versions}
+            "commit": (commit + ("+uncommitted changes" if dirty else "")) or None, "versions": versions,
+            "devices": {"count": jax.device_count(), "platform": jax.default_backend(),
+                        "processes": jax.process_count()}}
 
 
 def convert_digest(path: str) -> str:
