@@ -299,7 +299,8 @@ def main(argv):
     logging.getLogger("w2s_jax").setLevel(logging.INFO)
     # Before anything touches a device: the CPU devices and the host allocator (both must precede XLA's start),
     # then multi-host.
-    os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.cpu_devices, os.cpu_count() or 1)
+    os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.get("cpu_devices", 0),
+                                               os.cpu_count() or 1)
     from w2s_jax import host_memory, parallel
     try:
         retained = host_memory.retain_freed_memory(cfg.host_malloc)
