@@ -26,9 +26,10 @@ SmolLM2's tokenizer, right-padded to --seq as `batching.collate` pads them), or 
             (`model.model`), the same gather and bias-free head in float32, soft-target cross-entropy, backward
             and `torch.optim.Adam(fused=True)` over the trunk and the head. Every parameter trains, in both.
   job       The features of many prompts (the sentiment test split's first --job_prompts), the whole job timed:
-            ours is `probe.extract_features` as the pipeline calls it (prompts packed into rows, its compilation
-            included in every call); PyTorch's is written well (`torch_job`: length-sorted batches padded to their
-            own longest prompt, the layers after --layer cut off). No warm-up; tokens/s counts prompt tokens.
+            ours is `probe.extract_features` as the pipeline calls it (prompts packed into rows; its forward is
+            jitted once per process, so only the first round compiles, as a pipeline run compiles once);
+            PyTorch's is written well (`torch_job`: length-sorted batches padded to their own longest prompt, the
+            layers after --layer cut off). No warm-up; tokens/s counts prompt tokens.
 
 Dtypes: float32 for both frameworks, and bfloat16 as each framework's mixed precision: ours with the model
 config's `dtype="bfloat16"` (float32 parameters and optimizer state, bfloat16 matmuls with float32
@@ -267,7 +268,7 @@ def job_prompts(tokenizer, limit: int) -> list[dict]:
 
 def jax_job(cfg, params, encoded: list, layer: int, runtime, batch: int):
     """The pipeline's feature extraction of every prompt, as a no-argument function: `probe.extract_features`
-    itself (packed rows, its own jit and compilation, as each pipeline run pays them)."""
+    itself (packed rows; the first call compiles its forward, later calls reuse it, as in a pipeline run)."""
     from w2s_jax import probe
     return lambda: probe.extract_features(cfg, params, encoded, layer, runtime, batch)
 
@@ -488,7 +489,7 @@ def main(argv=None) -> dict:
     phases = {}
     for phase in args.phases:
         t0 = time.perf_counter()
-        if phase == "job":  # every call is the whole job, compilation included, as a pipeline run pays it
+        if phase == "job":  # every call is the whole job; no warm-up, so the first round includes the compilation
             runs = run_phase(phase_fns(phase), 0, args.rounds, job_tokens, job_tokens)
         else:
             runs = run_phase(phase_fns(phase), args.warmup, args.rounds, tokens, real_tokens)
