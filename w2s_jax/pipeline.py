@@ -302,7 +302,7 @@ class Experiment:
         self.derived: dict[str, str] = {}  # models made by a stage (generative finetuning): name -> HF directory
         self.digests: dict[str, str] = {}  # input digests: "model:<name>", "tokenizer", "test", ...
         self._configs: dict[str, object] = {}  # checkpoint path -> LlamaConfig
-        self._features: dict[str, dict] = {}  # model[@layer|@states] -> {"train": pool, "test": test set}
+        self._features: dict[str, dict] = {}  # model@layer<k> / model@states<k> -> {"train": pool, "test": ...}
         os.makedirs(workdir, exist_ok=True)
         # Checkpoint paths, with shipped assets ('asset:smollm2') fetched into the asset cache when first needed.
         self.checkpoints = {name: resolve_checkpoint(m.checkpoint) for name, m in cfg.models.items()
@@ -570,7 +570,8 @@ class Experiment:
         'test'), computed once for the whole training pool (cached on disk, and in memory for the run), so every
         seed's halves are rows of the same array."""
         from w2s_jax import elicitation
-        key = model if layer is None else f"{model}@layer{layer}"
+        layer = self.feature_layer(model) if layer is None else layer
+        key = f"{model}@layer{layer}"  # the probes and a probe head on the same layer share one copy
         if key not in self._features:  # read (or computed) once a run, not once a probe
             self._features[key] = elicitation.model_features(self, model, layer)
         feats = self._features[key]
