@@ -15,10 +15,10 @@ SmolLM2's tokenizer, right-padded to --seq as `batching.collate` pads them), or 
   features  What the pipeline's probes compute (`probe.extract_features`): the hidden state --layer at each row's
             last prompt token, float32 [B, hidden], on the host. Ours: `probe.last_token_features_fn` jitted with
             the parameter and batch shardings exactly as `extract_features` jits it (the jit is built once here,
-            where `extract_features` builds it once per call), host batch in, numpy features out. PyTorch:
-            `LlamaForCausalLM(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1)` under
-            `torch.no_grad()`, then the same gather (`logits_to_keep=1`: the LM head on one position, not on all
-            B x L; ours never computes it).
+            where `extract_features` builds it once per call), host batch in, numpy features out. PyTorch: its
+            trunk up to --layer (`torch_trunk`: the later layers cut off, as ours skips them) under
+            `torch.no_grad()`, then the same gather. (Before the matmul phase was added, PyTorch ran the whole
+            model here, `logits_to_keep=1`, whatever --layer was.)
   train     The pipeline's finetuning step (`pipeline.train_and_predict`): `train.make_choice_step` with
             scoring "classify" (a zero-initialised [hidden, 2] head on the last prompt token's final hidden
             state), the `xent` loss on the labels, the base config's optimizer (`train.make_optimizer`: Adam,
@@ -30,6 +30,13 @@ SmolLM2's tokenizer, right-padded to --seq as `batching.collate` pads them), or 
             jitted once per process, so only the first round compiles, as a pipeline run compiles once);
             PyTorch's is written well (`torch_job`: length-sorted batches padded to their own longest prompt, the
             layers after --layer cut off). No warm-up; tokens/s counts prompt tokens.
+  matmul    The kernels alone: each distinct projection of a decoder layer ([B*L, in] @ [in, out]: q and o
+            576 -> 576, k and v 576 -> 192, gate and up 576 -> 1536, down 1536 -> 576) as one jitted call of
+            ours (`llama.project`, as the model computes it: float32 accumulation, the result in the compute
+            dtype, the kernel already in that dtype as `probe.frozen_params` gives it) and one PyTorch `x @ w` in
+            the dtype (bfloat16 tensors, not autocast, so no weight cast is timed); each is called 30 times in a
+            row after the warm-up (the median is reported), not round-robin. Reported in GFLOP/s, and as the
+            seconds the features phase's layers would take if they did only these matmuls at these rates.
 
 Dtypes: float32 for both frameworks, and bfloat16 as each framework's mixed precision: ours with the model
 config's `dtype="bfloat16"` (float32 parameters and optimizer state, bfloat16 matmuls with float32
@@ -59,7 +66,8 @@ if REPO not in sys.path:
 from bench import throughput  # noqa: E402  (stdlib-only at import: jax is not started yet)
 
 DTYPES = throughput.DTYPES
-PHASES = ("features", "train", "job")
+PHASES = ("features", "train", "job", "matmul")
+MATMUL_CALLS = 30  # timed calls of each kernel in the matmul phase (median reported)
 TARGET = 1.5  # the issue's target: ours / PyTorch tokens/s in the same dtype
 
 
@@ -73,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--devices", default=None,
                    help="comma-separated virtual CPU device counts for ours (default: --threads, one per core)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16, for both frameworks")
-    p.add_argument("--phases", default="features,train", help="features, train and/or job")
+    p.add_argument("--phases", default="features,train", help="features, train, job and/or matmul")
     p.add_argument("--job_prompts", type=int, default=0,
                    help="job phase: the first N sentiment test prompts (0: all 1,996)")
     p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
@@ -240,18 +248,18 @@ def jax_features(cfg, params, batch: dict, layer: int, runtime):
 
 
 def torch_features(model, batch: dict, layer: int, dtype: str):
-    """PyTorch's feature extraction of the batch as a no-argument function returning numpy [B, hidden]."""
+    """PyTorch's feature extraction of the batch as a no-argument function returning numpy [B, hidden]: the trunk
+    up to `layer` (`torch_trunk`: the layers after it are not computed, as in ours) at each row's last token."""
     import torch
 
     t = _torch_batch(batch)
     rows = torch.arange(t["input_ids"].shape[0])
-    model.eval()
+    trunk = torch_trunk(model, layer)
 
     def run():
         with torch.no_grad(), _autocast(dtype):
-            out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], output_hidden_states=True,
-                        logits_to_keep=1)
-            return out.hidden_states[layer][rows, t["last_index"]].float().numpy()
+            hidden = trunk(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
+            return hidden[rows, t["last_index"]].float().numpy()
     return run
 
 
@@ -309,6 +317,53 @@ def torch_job(model, encoded: list, layer: int, dtype: str, batch: int):
             out[idx] = h[torch.arange(len(idx)), t["last_index"]].float().numpy()
         return out
     return run
+
+
+def projection_shapes(cfg) -> dict:
+    """{name: (in, out)} of a decoder layer's distinct projections, and how many of each a layer has."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    shapes = {"q,o": ((h, q), 2), "k,v": ((h, kv), 2), "gate,up": ((h, i), 2), "down": ((i, h), 1)}
+    if q != h:  # o maps the heads back to the hidden size
+        shapes = {"q": ((h, q), 1), "o": ((q, h), 1), **{k: v for k, v in shapes.items() if k != "q,o"}}
+    return shapes
+
+
+def matmul_fns(cfg, tokens: int, dtype: str, frameworks) -> dict:
+    """{"<framework>/<dtype> <name>": blocking no-argument function} timing each distinct projection of a layer
+    on [tokens, in] inputs: ours as the model computes it (`llama.project`), PyTorch's `x @ w` in the dtype."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from w2s_jax.models import llama
+
+    fns, rng = {}, np.random.default_rng(0)
+    for name, ((d_in, d_out), _) in projection_shapes(cfg).items():
+        x = rng.standard_normal((tokens, d_in), dtype=np.float32)
+        w = rng.standard_normal((d_in, d_out), dtype=np.float32) * 0.02
+        if "jax" in frameworks:
+            jx, jw = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+            jitted = jax.jit(lambda a, b: llama.project(a, b, jnp.dtype(dtype)))
+            fns[f"jax/{DTYPES[dtype]} {name}"] = lambda f=jitted, a=jx, b=jw: f(a, b).block_until_ready()
+        if "torch" in frameworks:
+            tx, tw = (torch.from_numpy(v).to(getattr(torch, dtype)) for v in (x, w))
+            fns[f"torch/{DTYPES[dtype]} {name}"] = lambda a=tx, b=tw: a @ b
+    return fns
+
+
+def matmul_summary(cfg, runs: dict, tokens: int, layers: int) -> dict:
+    """Per run: GFLOP/s; per framework and dtype: one layer's projections, and `layers` of them, in seconds at
+    the measured rates."""
+    shapes = projection_shapes(cfg)
+    layer_s = {}
+    for run, r in runs.items():
+        model, name = run.split(" ")
+        (d_in, d_out), count = shapes[name]
+        r["gflop_s"] = 2 * tokens * d_in * d_out / r["s"] / 1e9
+        layer_s[model] = layer_s.get(model, 0.0) + count * r["s"]
+    return {model: {"layer_s": s, "forward_s": layers * s} for model, s in layer_s.items()}
 
 
 def jax_train_step(cfg, params, batch: dict, runtime, total_steps: int = 1000):
@@ -440,6 +495,7 @@ def main(argv=None) -> dict:
 
     import numpy as np
 
+    from w2s_jax import probe
     from w2s_jax.models import convert
 
     cfg, params, path = load_smollm2(bool(args.scan_layers))
@@ -489,11 +545,21 @@ def main(argv=None) -> dict:
     phases = {}
     for phase in args.phases:
         t0 = time.perf_counter()
-        if phase == "job":  # every call is the whole job; no warm-up, so the first round includes the compilation
+        if phase == "matmul":
+            # each kernel called MATMUL_CALLS times in a row: what the kernel can do, not how it shares the
+            # process with the other models' calls (interleaved, a few-millisecond call varies 2-3x)
+            fns = {k: v for d in args.dtypes for k, v in matmul_fns(cfg, tokens, d, args.frameworks).items()}
+            runs = {name: run_phase({name: fn}, args.warmup, MATMUL_CALLS, tokens, real_tokens)[name]
+                    for name, fn in fns.items()}
+        elif phase == "job":  # every call is the whole job; no warm-up, so the first round includes the compilation
             runs = run_phase(phase_fns(phase), 0, args.rounds, job_tokens, job_tokens)
         else:
             runs = run_phase(phase_fns(phase), args.warmup, args.rounds, tokens, real_tokens)
-        res = phases[phase] = {"runs": runs, "speedup": speedups(runs)}
+        phases[phase] = {"runs": runs, "speedup": speedups(runs)}
+        if phase == "matmul":  # the decoder layers the features phase computes: hidden state --layer's index
+            layers = probe._check_layer(cfg, args.layer)
+            phases[phase].update(layers=layers, projections=matmul_summary(cfg, runs, tokens, layers))
+        res = phases[phase]
         if phase in ("features", "job"):
             res["max_rel_diff_vs_torch"] = feature_agreement(runs)
         for r in runs.values():
@@ -513,7 +579,18 @@ def main(argv=None) -> dict:
               "load_avg_after": os.getloadavg(), "target": TARGET, "phases": phases}
     print()
     print(format_table(phases))
+    if "matmul" in phases:
+        res = phases["matmul"]
+        print(f"matmul, GFLOP/s on [{tokens}, in] @ [in, out]: " + ", ".join(
+            f"{name} {r['gflop_s']:,.0f}" for name, r in res["runs"].items()))
+        for model, p in res["projections"].items():
+            measured = phases.get("features", {}).get("runs", {}).get(model)
+            print(f"matmul {model}: one layer's projections {p['layer_s'] * 1e3:.1f} ms, the features phase's "
+                  f"{res['layers']} layers {p['forward_s']:.3f} s at these rates"
+                  + (f" (its forward measured {measured['s']:.3f} s)" if measured else ""))
     for phase, res in phases.items():
+        if phase == "matmul":  # the kernels are context for the phases, not the target's measure
+            continue
         for name, sp in res["speedup"].items():
             if sp.get("same_dtype"):
                 verdict = "meets" if sp["same_dtype"] >= TARGET else "below"

@@ -62,3 +62,26 @@ def test_quick_defaults():
     args = smollm2.parse_args(["--quick", "--threads=2", "--seq=32"])
     assert (args.batch, args.rounds, args.seq, args.devices) == (4, 1, 32, [2])
     assert smollm2.parse_args(["--quick", "--batch=8", "--threads=2"]).batch == 8
+
+
+def test_projection_shapes_cover_a_layer():
+    # every kernel of a decoder layer, counted once: the matmul phase's per-layer time adds up the whole layer
+    kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(
+        nn.meta.unbox(LlamaForCausalLM(CFG).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]["layers_0"]))
+        if path[-1].key == "kernel"]
+    shapes = smollm2.projection_shapes(CFG)
+    assert sum(count for _, count in shapes.values()) == len(kernels) == 7
+    assert sorted(shape for shape, count in shapes.values() for _ in range(count)) == sorted(k.shape for k in kernels)
+
+
+def test_matmul_kernels_compute_the_product():
+    fns = smollm2.matmul_fns(CFG, 16, "float32", ("jax", "torch"))
+    assert sorted(fns) == sorted(f"{fw}/f32 {name}" for fw in ("jax", "torch")
+                                 for name in smollm2.projection_shapes(CFG))
+    for name in smollm2.projection_shapes(CFG):
+        np.testing.assert_allclose(np.asarray(fns[f"jax/f32 {name}"]()), fns[f"torch/f32 {name}"]().numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    runs = {n: {"s": 0.5} for n in fns}
+    summary = smollm2.matmul_summary(CFG, runs, 16, 3)
+    assert summary["jax/f32"] == {"layer_s": 3.5, "forward_s": 10.5}  # 7 kernels of 0.5 s, 3 layers
+    assert runs["jax/f32 down"]["gflop_s"] == 2 * 16 * 64 * 32 / 0.5 / 1e9
