@@ -10,6 +10,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from w2s_jax.errors import UserError
+from w2s_jax.models import convert
 from w2s_jax.models.convert import (CheckpointError, config_from_hf, config_to_hf, load_hf, save_hf,
                                     tensor_specs)
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -114,6 +116,24 @@ def test_extra_tensors_warn_but_inv_freq_is_silent(checkpoint):
     rewrite_tensors(checkpoint, tensors)
     with pytest.warns(UserWarning, match=r"unexpected tensors model\.layers\.0\.self_attn\.q_proj\.bias"):
         load_hf(checkpoint)
+
+
+def test_an_early_exit_reads_only_its_layers(checkpoint, monkeypatch):
+    _, full = load_hf(checkpoint)
+    reads = []
+    original = convert._Reader.read
+    monkeypatch.setattr(convert._Reader, "read", lambda self, name, index=None: reads.append(name) or
+                        original(self, name, index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the skipped layer's tensors are not "unexpected"
+        cfg, params = load_hf(checkpoint, layers=1)
+    assert cfg == CFG.replace(num_hidden_layers=1)
+    assert reads and not [n for n in reads if n.startswith("model.layers.1.")]
+    assert sorted(params) == sorted(k for k in full if k != "layers_1")
+    jax.tree.map(np.testing.assert_array_equal, params, {k: v for k, v in full.items() if k != "layers_1"})
+    assert load_hf(checkpoint, layers=2)[0] == CFG
+    with pytest.raises(UserError, match=r"layers=3, but the checkpoint has 2 decoder layers"):
+        load_hf(checkpoint, layers=3)
 
 
 def test_bf16_checkpoint_loads_in_the_requested_dtype(tmp_path):

@@ -8,6 +8,7 @@ itself also needs `accelerate`). The real SmolLM2 file is tested when it is in t
 """
 import json
 import time
+import warnings
 
 import gguf
 import jax
@@ -273,6 +274,27 @@ def test_sharded_load_reads_only_its_slices(written, monkeypatch):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params, full)
     q_size = cfg.hidden_size * cfg.num_attention_heads * cfg.head_dim
     assert {size for n, size in reads if n.endswith("q_proj.weight")} == {q_size // 8}
+
+
+def test_an_early_exit_reads_only_its_layers(written, monkeypatch):
+    """`layers=1`: the first decoder layer, the final norm and the LM head, as in the whole file; nothing of the
+    other layers is dequantised, and their tensors are not reported as unexpected."""
+    _, path = written("q8_q4_like_smollm2")
+    full_cfg, full = convert.load_gguf(path)
+    reads = []
+    original = convert._GGUFReader.read
+    monkeypatch.setattr(convert._GGUFReader, "read", lambda self, name, index=None: reads.append(name) or
+                        original(self, name, index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg, params = convert.load_gguf(path, layers=1)
+    assert cfg == full_cfg.replace(num_hidden_layers=1) and full_cfg.num_hidden_layers > 1
+    assert reads and not [n for n in reads if n.startswith("model.layers.") and not n.startswith("model.layers.0.")]
+    kept = {k: v for k, v in full.items() if not k.startswith("layers_") or k == "layers_0"}
+    assert sorted(params) == sorted(kept)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params, kept)
+    with pytest.raises(UserError, match=r"layers=-1, but the checkpoint has"):
+        convert.load_gguf(path, layers=-1)
 
 
 def test_tokenizer_from_the_gguf_metadata(written, bpe):

@@ -393,8 +393,7 @@ class Experiment:
         if path not in self._configs:  # reading a GGUF's metadata takes seconds
             self._configs[path] = convert.checkpoint_config(path)
         lcfg = self._configs[path]
-        layers = self.cfg.models[name].layers if name in self.cfg.models else 0
-        return lcfg.replace(num_hidden_layers=layers) if 0 < layers < lcfg.num_hidden_layers else lcfg
+        return convert.first_layers(lcfg, self.cfg.models[name].layers if name in self.cfg.models else 0, path)
 
     def feature_layer(self, name: str) -> int:
         """The hidden state a linear probe of this model reads."""
@@ -525,13 +524,13 @@ class Experiment:
         train_lib.barrier(f"saved {out_dir}")
 
     def load_model(self, name: str):
+        """(LlamaConfig, params) of a model as used: only its first `layers` decoder layers are read (an early
+        exit), the others never leave the file."""
         md = self.cfg.model_defaults
-        lcfg, params = convert.load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
-                                       scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules)
         layers = self.cfg.models[name].layers if name in self.cfg.models else 0
-        if 0 < layers < lcfg.num_hidden_layers:
-            lcfg, params = top_layers.keep_first_layers(lcfg, params, layers)
-        return lcfg, params
+        return convert.load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
+                                       scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules,
+                                       layers=layers)
 
     # -------------------------------------------------------------------------------------------- runs
     def train_and_predict(self, run: str, model: str, train_split: str, train_idx: list[int],

@@ -1,4 +1,5 @@
-"""Models cut by layers: an early exit (the first k layers) and the top k layers finetuned alone.
+"""The top k layers of a model, finetuned alone. (An early exit, a model's first k layers, is loaded as such:
+`convert.first_layers`.)
 
 Finetuning only the top k layers of a model (`train.trainable_layers=k`) leaves the output of its lower layers
 unchanged from step to step, so it is computed once per model and example (`probe.extract_prompt_states`, cached
@@ -16,17 +17,6 @@ from w2s_jax.models.llama import LlamaConfig
 
 def _layer_index(name: str) -> int | None:
     return int(name[len("layers_"):]) if name.startswith("layers_") else None
-
-
-def keep_first_layers(lcfg: LlamaConfig, params: dict, k: int):
-    """A model cut to its first k decoder layers (its final norm and LM head kept): an early exit. Unlike the
-    paper's separately pretrained weak models, it shares its first layers, and so some of its features, with the
-    full model."""
-    if "layers" in params:  # scanned: one stacked subtree with a leading [num_layers] axis
-        params = {**params, "layers": jax.tree.map(lambda x: x[:k], params["layers"])}
-    else:
-        params = {name: p for name, p in params.items() if _layer_index(name) is None or _layer_index(name) < k}
-    return lcfg.replace(num_hidden_layers=k), params
 
 
 def keep_top_layers(lcfg: LlamaConfig, params: dict, k: int):

@@ -284,8 +284,20 @@ class _Reader:
         return np.asarray(sl[index])
 
 
-def _check_tensors(reader: _Reader, specs: list[TensorSpec]) -> None:
-    """Every expected tensor is present with the expected shape; extra tensors only warn."""
+def first_layers(cfg: LlamaConfig, layers: int, path) -> LlamaConfig:
+    """The config of the checkpoint's first `layers` decoder layers (0: all of them), with its final norm and LM
+    head: an early exit. Unlike the paper's separately pretrained weak models, it shares its layers, and so some of
+    its features, with the whole model. Loading only these layers reads and converts only their weights."""
+    n = cfg.num_hidden_layers
+    if not 0 <= layers <= n:
+        raise UserError(f"{path}: layers={layers}, but the checkpoint has {n} decoder layers; expected 0 (all) "
+                        f".. {n}")
+    return cfg.replace(num_hidden_layers=layers) if layers else cfg
+
+
+def _check_tensors(reader: _Reader, specs: list[TensorSpec], known: list[TensorSpec] | None = None) -> None:
+    """Every expected tensor is present with the expected shape; extra tensors only warn, except those of `known`
+    (the whole model's, when only its first layers are read)."""
     for spec in specs:
         if spec.hf_name not in reader.files:
             raise CheckpointError(f"checkpoint {reader.path} is missing tensor {spec.hf_name!r}")
@@ -293,7 +305,7 @@ def _check_tensors(reader: _Reader, specs: list[TensorSpec]) -> None:
         if found != spec.hf_shape:
             raise CheckpointError(f"checkpoint {reader.path}: tensor {spec.hf_name!r} has shape {found}, "
                                   f"expected {spec.hf_shape} from config.json")
-    expected = {s.hf_name for s in specs} | {"lm_head.weight"}  # a tied checkpoint may still carry lm_head
+    expected = {s.hf_name for s in known or specs} | {"lm_head.weight"}  # a tied checkpoint may carry lm_head
     unexpected = sorted(n for n in reader.files if n not in expected and not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
@@ -397,11 +409,13 @@ def _sharded_loader(reader: _Reader, cfg: LlamaConfig, specs: list[TensorSpec], 
 
 
 def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
-            scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None) -> tuple[LlamaConfig, dict]:
+            scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None,
+            layers: int = 0) -> tuple[LlamaConfig, dict]:
     """Load a HF LLaMA checkpoint directory into (LlamaConfig, params).
 
     `dtype`/`param_dtype` default to float32 whatever the checkpoint's dtype. With `mesh`, every param is created
-    directly in its NamedSharding (logical axes -> mesh axes through `rules`, see `w2s_jax.parallel`).
+    directly in its NamedSharding (logical axes -> mesh axes through `rules`, see `w2s_jax.parallel`). `layers`
+    k > 0 reads only the first k decoder layers (see `first_layers`).
     """
     path = Path(path)
     config_file = path / CONFIG_FILE
@@ -411,11 +425,12 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    full = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    cfg = first_layers(full, layers, path)
     files = _weight_files(path)
     with contextlib.ExitStack() as stack:
         reader = _Reader(path, files, stack)
-        _check_tensors(reader, tensor_specs(cfg))
+        _check_tensors(reader, tensor_specs(cfg), known=tensor_specs(full))
         params = _load_params(reader, cfg, mesh, rules)
     return cfg, params
 
@@ -620,7 +635,7 @@ class _GGUFReader:
     rows decodes only those rows and a slice of columns only the blocks it touches.
     """
 
-    def __init__(self, reader: gguf.GGUFReader, cfg: LlamaConfig):
+    def __init__(self, reader: gguf.GGUFReader, cfg: LlamaConfig, full: LlamaConfig):
         self.path = Path(reader.data.filename)
         by_name = {t.name: t for t in reader.tensors}
         self.tensors, self.row_orders = {}, {}
@@ -645,7 +660,7 @@ class _GGUFReader:
                 cfg.num_attention_heads, cfg.head_dim)
             self.row_orders[f"model.layers.{i}.self_attn.k_proj.weight"] = _gguf_row_order(
                 cfg.num_key_value_heads, cfg.head_dim)
-        unexpected = sorted(set(by_name) - {gguf_name(s.hf_name) for s in specs} - {_GGUF_ROPE_FACTORS})
+        unexpected = sorted(set(by_name) - {gguf_name(s.hf_name) for s in tensor_specs(full)} - {_GGUF_ROPE_FACTORS})
         if unexpected:
             shown = ", ".join(unexpected[:8]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
             warnings.warn(f"{self.path}: ignoring unexpected tensors {shown}", stacklevel=3)
@@ -666,15 +681,17 @@ class _GGUFReader:
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
-              scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None) -> tuple[LlamaConfig, dict]:
+              scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None,
+              layers: int = 0) -> tuple[LlamaConfig, dict]:
     """Load a llama.cpp GGUF LLaMA (any tensor type the gguf package decodes) into (LlamaConfig, params).
 
     Same arguments and result as `load_hf`: quantised weights are dequantised into `param_dtype` (default float32).
     """
     path = Path(path)
     reader = _open_gguf(path)
-    cfg = config_from_gguf(reader, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
-    tensors = _GGUFReader(reader, cfg)
+    full = config_from_gguf(reader, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    cfg = first_layers(full, layers, path)
+    tensors = _GGUFReader(reader, cfg, full)
     types = sorted({t.tensor_type.name for t in tensors.tensors.values()})
     log.info("%s: GGUF LLaMA, %d layers, hidden %d, tensor types %s -> %s params", path, cfg.num_hidden_layers,
              cfg.hidden_size, "/".join(types), cfg.param_dtype)
