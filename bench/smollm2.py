@@ -5,6 +5,7 @@ PyTorch, in float32 and bfloat16, side by side in one process.
                             [--dtypes=float32,bfloat16] [--phases=features,train] [--out=results.json]
     python bench/smollm2.py --quick            # smoke run: batch 4, one warm-up call and one timed round
     python bench/smollm2.py --phases=job --layer=20 --rounds=3 --job_prompts=1000   # the pipeline's feature job
+    python bench/smollm2.py --phases=features,matmul --layer=20 --devices=1          # and its kernels alone
 
 The model is the real SmolLM2-135M-Instruct GGUF file (`w2s_jax.assets.smollm2_gguf()`), dequantised once by
 `convert.load_gguf` into float32 parameters; PyTorch gets the very same weights (`torch_model`). The batch is real
