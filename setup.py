@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Weak-to-strong generalization (Burns et al., 2023) with JAX/Flax LLaMA models",
     packages=find_packages(include=["w2s_jax", "w2s_jax.*"]),
+    package_data={"w2s_jax.models": ["onednn_matmul.cc"]},  # built on first use where oneDNN is installed
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

@@ -235,9 +235,10 @@ def measure(cfg, plan: dict) -> dict:
 
     from w2s_jax import parallel
     from w2s_jax import train as train_lib
-    from w2s_jax.models import llama
+    from w2s_jax.models import llama, onednn
 
     llama.CPU_LAYOUT_PINS = False  # compile the accelerator's program: XLA:CPU's layout pins are not part of it
+    onednn.ENABLED = False  # nor are the oneDNN matmuls of a single-CPU-device program
     if jax.device_count() != plan["devices"]:
         raise RuntimeError(f"jax sees {jax.device_count()} devices, not --devices={plan['devices']}: was jax "
                            "initialised before XLA_FLAGS was set?")

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2s_jax.models import onednn
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -174,7 +176,10 @@ def _transposed(x):
 
 
 def _matmul(x, kernel, out_dtype):
-    """x @ kernel in x's dtype, accumulated in float32, returned as `out_dtype`."""
+    """x @ kernel in x's dtype, accumulated in float32, returned as `out_dtype` (through oneDNN where it is
+    usable: `onednn.py`)."""
+    if onednn.usable(x, out_dtype):
+        return onednn.matmul(x, kernel.astype(x.dtype), out_dtype)
     return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
@@ -200,6 +205,9 @@ def project_grads(x, kernel, dy):
     """Gradients (d_x, d_kernel) of `project(x, kernel)` for the output cotangent dy: matmuls in x's dtype with
     float32 accumulation, `x^T` materialised (see `_transposed`), d_kernel in the parameter dtype."""
     dy = dy.astype(x.dtype)
+    if onednn.usable(x, jnp.float32):  # oneDNN reads the transposed operands in place
+        return (onednn.matmul(dy, kernel.astype(x.dtype), x.dtype, trans_b=True),
+                onednn.matmul(x, dy, jnp.float32, trans_a=True).astype(kernel.dtype))
     dx = jax.lax.dot_general(dy, kernel.astype(x.dtype), (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
     d_kernel = jnp.dot(_transposed(x), dy, preferred_element_type=jnp.float32)

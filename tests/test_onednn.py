@@ -1,0 +1,76 @@
+"""The oneDNN bfloat16 matmul (models/onednn.py): XLA's result up to float32 summation order, and taken by the
+model's projections exactly where intended. Skipped where oneDNN is not installed (`apt-get install libdnnl-dev`)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from w2s_jax.models import llama, onednn
+
+pytestmark = pytest.mark.skipif(not onednn._registered(), reason="oneDNN (libdnnl-dev) or a C++ compiler missing")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("shape", [(37, 53, 29), (64, 1536, 192)])
+def test_matmul_is_xla_dot(shape, trans_a, trans_b):
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((k, m) if trans_a else (m, k)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((n, k) if trans_b else (k, n)), jnp.bfloat16)
+    exact = jnp.dot(a.T if trans_a else a, b.T if trans_b else b, preferred_element_type=jnp.float32)
+    y32 = jax.jit(lambda a, b: onednn.matmul(a, b, jnp.float32, trans_a, trans_b))(a, b)
+    assert y32.dtype == jnp.float32 and y32.shape == (m, n)
+    np.testing.assert_allclose(y32, exact, rtol=0, atol=1e-6 * float(jnp.abs(exact).max()))  # summation order only
+    y16 = jax.jit(lambda a, b: onednn.matmul(a, b, jnp.bfloat16, trans_a, trans_b))(a, b)
+    assert y16.dtype == jnp.bfloat16
+    off = np.asarray(y16, np.float32) != np.asarray(exact.astype(jnp.bfloat16), np.float32)
+    assert off.mean() < 1e-3  # one rounding of the float32 sum: a tie broken the other way at most, rarely
+    np.testing.assert_allclose(np.asarray(y16, np.float32), exact, rtol=2 ** -8)
+
+
+def test_not_taken_on_several_devices_or_in_float32():
+    x = jnp.ones((4, 8), jnp.bfloat16)
+    assert jax.device_count() > 1 and not onednn.usable(x, jnp.bfloat16)  # this test session has 8 devices
+    assert not onednn.usable(x.astype(jnp.float32), jnp.float32)
+
+
+ONE_DEVICE = """
+import json, jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from w2s_jax.models import llama, onednn
+cfg = llama.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype="bfloat16")
+model = llama.LlamaForCausalLM(cfg)
+ids = np.random.default_rng(0).integers(0, 97, (2, 12)).astype(np.int32)
+params = nn.meta.unbox(model.init(jax.random.key(0), ids)["params"])
+loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, ids))[..., 3])
+out = {}
+for enabled in (True, False):
+    onednn.ENABLED = enabled
+    lowered = jax.jit(jax.value_and_grad(loss)).lower(params)  # a new function: traced again
+    hlo = lowered.as_text()
+    value, grads = lowered.compile()(params)
+    out[str(enabled)] = {"calls": hlo.count(onednn.TARGET), "loss": float(value),
+                         "grads": [np.asarray(g, np.float32).ravel().tolist() for g in jax.tree.leaves(grads)]}
+print(json.dumps(out))
+"""
+
+
+def test_the_model_takes_it_on_one_device_forward_and_backward():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", ONE_DEVICE], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    on, off = out["True"], out["False"]
+    # 7 projections a layer x 2 layers and the LM head: 15 in the forward, 30 in the backward (dx and d_kernel)
+    assert (on["calls"], off["calls"]) == (15 * 3, 0)
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-2)
+    for g_on, g_off in zip(on["grads"], off["grads"]):
+        g_on, g_off = np.array(g_on), np.array(g_off)
+        assert np.linalg.norm(g_on - g_off) <= 0.02 * np.linalg.norm(g_off)  # bfloat16 rounding, placed differently

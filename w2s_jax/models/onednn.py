@@ -1,0 +1,90 @@
+"""bfloat16 matmuls on a CPU through oneDNN, called from XLA programs as an FFI custom call.
+
+XLA:CPU's bfloat16 matmul runs at about half the speed of oneDNN's (AMX) kernels on a CPU that has them
+(docs/BENCHMARKS.md), and the projections are most of a LLaMA forward pass. When oneDNN's headers and library are
+installed (Debian/Ubuntu: `apt-get install libdnnl-dev`) and a C++ compiler is on the PATH, the first bfloat16
+projection builds `onednn_matmul.cc` into the asset cache (once per source and jax version) and registers it with
+XLA. `models.llama.project` then sends a bfloat16 projection to it when the program runs on a single CPU device.
+Everything else keeps XLA's own dot: float32, GPUs and TPUs, several devices (the custom call has no sharding rule,
+so a sharded program would gather its operands), and machines without oneDNN (one log line says why).
+
+The result is XLA's: float32 accumulation, then one rounding to the result's dtype (tests/test_onednn.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+ENABLED = True  # False: XLA's dot everywhere (bench/memory.py, which compiles other backends' programs on a CPU)
+TARGET = "w2s_onednn_matmul"
+SOURCE = Path(__file__).with_name("onednn_matmul.cc")
+
+
+def usable(x, out_dtype) -> bool:
+    """Whether `x @ kernel` (x in the compute dtype) goes to oneDNN: bfloat16 in, bfloat16 or float32 out, on a
+    process with one CPU device, with the kernel built."""
+    return (ENABLED and x.dtype == jnp.bfloat16 and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and _registered())
+
+
+def matmul(a, b, out_dtype, trans_a: bool = False, trans_b: bool = False):
+    """op(a) @ op(b) for bfloat16 2-D a and b, in `out_dtype` (bfloat16 or float32); op transposes an operand when
+    its flag is set (a stored [k, m], b stored [n, k]), without a copy."""
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), out_dtype), vmap_method="sequential")
+    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def _cache_dir() -> Path:
+    from w2s_jax import assets  # the asset cache (~/.cache/w2s_jax or $W2S_ASSETS)
+    return assets.cache_dir() / "kernels"
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the handler (if this source and jax version have no build yet); its path. Raises RuntimeError with
+    the compiler's first error line when it cannot be built."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
+    lib = (out_dir or _cache_dir()) / f"onednn_matmul-{digest}.so"
+    if lib.exists():
+        return lib
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on the PATH")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        built = Path(tmp) / lib.name
+        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-I", jax.ffi.include_dir(),
+               "-ldnnl", "-o", str(built)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+            raise RuntimeError(f"building {SOURCE.name} failed: {errors[0] if errors else done.returncode}")
+        os.replace(built, lib)  # atomic: processes building at once each write their own file first
+    return lib
+
+
+@functools.cache
+def _registered() -> bool:
+    """Build, load and register the handler once per process; False (logged once) when oneDNN is not there."""
+    try:
+        path = build()
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except (OSError, RuntimeError) as e:
+        log.info("oneDNN matmuls unavailable (%s); bfloat16 projections use XLA's dot", e)
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.OnednnMatmul), platform="cpu")
+    log.info("bfloat16 projections on a single CPU device use oneDNN (%s)", path)
+    return True

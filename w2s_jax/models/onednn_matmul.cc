@@ -1,0 +1,88 @@
+// An XLA FFI handler: y = op(a) @ op(b) for bfloat16 a and b, y in bfloat16 or float32 (accumulated in float32),
+// computed by oneDNN's matmul (AMX or AVX-512 kernels). op transposes an operand stored the other way round.
+// Built and registered by w2s_jax/models/onednn.py.
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dt = dnnl::memory::data_type;
+using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, bool>;  // m, k, n, trans_a, trans_b, f32 result
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// [rows, cols] row-major, or the transpose of a row-major [cols, rows] array.
+dnnl::memory::desc Matrix(int64_t rows, int64_t cols, dt type, bool transposed) {
+  return dnnl::memory::desc({rows, cols}, type, transposed ? dnnl::memory::dims{1, rows}
+                                                           : dnnl::memory::dims{cols, 1});
+}
+
+struct Matmul {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul primitive;
+};
+
+// Creating a primitive takes milliseconds, so each shape's is made once. The scratchpad is the caller's
+// (scratchpad_mode::user): XLA may run two matmuls at once on different threads.
+const Matmul& Get(const Key& key) {
+  static std::map<Key, Matmul> cache;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    auto [m, k, n, trans_a, trans_b, f32] = key;
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::desc desc(Matrix(m, k, dt::bf16, trans_a), Matrix(k, n, dt::bf16, trans_b),
+                            Matrix(m, n, f32 ? dt::f32 : dt::bf16, false));
+    dnnl::matmul::primitive_desc pd(desc, attr, Engine());
+    it = cache.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first;
+  }
+  return it->second;
+}
+
+ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y, bool trans_a, bool trans_b) {
+  auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || a.element_type() != ffi::BF16 || b.element_type() != ffi::BF16) {
+    return ffi::Error::InvalidArgument("onednn_matmul: expected two 2-D bfloat16 operands");
+  }
+  const int64_t m = trans_a ? ad[1] : ad[0], k = trans_a ? ad[0] : ad[1], n = trans_b ? bd[0] : bd[1];
+  if ((trans_b ? bd[1] : bd[0]) != k) return ffi::Error::InvalidArgument("onednn_matmul: inner dimensions differ");
+  const bool f32 = y->element_type() == ffi::F32;
+  if (!f32 && y->element_type() != ffi::BF16) {
+    return ffi::Error::InvalidArgument("onednn_matmul: the result must be bfloat16 or float32");
+  }
+  const Matmul& mm = Get({m, k, n, trans_a, trans_b, f32});
+  dnnl::engine& engine = Engine();
+  std::vector<uint8_t> scratch(mm.pd.scratchpad_desc().get_size());
+  dnnl::stream stream(engine);
+  dnnl::memory src(Matrix(m, k, dt::bf16, trans_a), engine, a.untyped_data());
+  dnnl::memory weights(Matrix(k, n, dt::bf16, trans_b), engine, b.untyped_data());
+  dnnl::memory dst(Matrix(m, n, f32 ? dt::f32 : dt::bf16, false), engine, y->untyped_data());
+  dnnl::memory scratchpad(mm.pd.scratchpad_desc(), engine, scratch.data());
+  mm.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMatmul, Run,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
