@@ -64,6 +64,11 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y
     return ffi::Error::InvalidArgument("onednn_matmul: the result must be bfloat16 or float32");
   }
   const Matmul& mm = Get({m, k, n, trans_a, trans_b, f32});
+  // One matmul at a time: each already runs on every core (OpenMP), and XLA would otherwise start independent ones
+  // (a backward pass's dx and d_kernel) on two of its threads at once, whose OpenMP teams then spin against each
+  // other for the same cores.
+  static std::mutex running;
+  std::lock_guard<std::mutex> lock(running);
   dnnl::engine& engine = Engine();
   std::vector<uint8_t> scratch(mm.pd.scratchpad_desc().get_size());
   dnnl::stream stream(engine);
