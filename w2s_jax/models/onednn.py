@@ -8,7 +8,8 @@ XLA. `models.llama.project` then sends a bfloat16 projection to it when the prog
 Everything else keeps XLA's own dot: float32, GPUs and TPUs, several devices (the custom call has no sharding rule,
 so a sharded program would gather its operands), and machines without oneDNN (one log line says why).
 
-The result is XLA's: float32 accumulation, then one rounding to the result's dtype (tests/test_onednn.py).
+The result is XLA's up to the order of its float32 sums: float32 accumulation, then one rounding to the
+result's dtype (tests/test_onednn.py).
 """
 from __future__ import annotations
 
