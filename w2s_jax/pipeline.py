@@ -393,7 +393,11 @@ class Experiment:
         if path not in self._configs:  # reading a GGUF's metadata takes seconds
             self._configs[path] = convert.checkpoint_config(path)
         lcfg = self._configs[path]
-        return convert.first_layers(lcfg, self.cfg.models[name].layers if name in self.cfg.models else 0, path)
+        return convert.first_layers(lcfg, self.kept_layers(name), f"{path} (models.{name}.layers)")
+
+    def kept_layers(self, name: str) -> int:
+        """How many of a model's first decoder layers it keeps (`models.<name>.layers`; 0: all)."""
+        return self.cfg.models[name].layers if name in self.cfg.models else 0
 
     def feature_layer(self, name: str) -> int:
         """The hidden state a linear probe of this model reads."""
@@ -527,10 +531,9 @@ class Experiment:
         """(LlamaConfig, params) of a model as used: only its first `layers` decoder layers are read (an early
         exit), the others never leave the file."""
         md = self.cfg.model_defaults
-        layers = self.cfg.models[name].layers if name in self.cfg.models else 0
         return convert.load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
                                        scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules,
-                                       layers=layers)
+                                       layers=self.kept_layers(name))
 
     # -------------------------------------------------------------------------------------------- runs
     def train_and_predict(self, run: str, model: str, train_split: str, train_idx: list[int],

@@ -15,10 +15,6 @@ import numpy as np
 from w2s_jax.models.llama import LlamaConfig
 
 
-def _layer_index(name: str) -> int | None:
-    return int(name[len("layers_"):]) if name.startswith("layers_") else None
-
-
 def keep_top_layers(lcfg: LlamaConfig, params: dict, k: int):
     """The model's last k decoder layers (renumbered from 0) and its final norm, as a model of k layers that reads
     `inputs_embeds`: the hidden state after layer N - k. No embedding and no LM head: a classification head reads

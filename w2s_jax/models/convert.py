@@ -284,13 +284,14 @@ class _Reader:
         return np.asarray(sl[index])
 
 
-def first_layers(cfg: LlamaConfig, layers: int, path) -> LlamaConfig:
+def first_layers(cfg: LlamaConfig, layers: int, where) -> LlamaConfig:
     """The config of the checkpoint's first `layers` decoder layers (0: all of them), with its final norm and LM
     head: an early exit. Unlike the paper's separately pretrained weak models, it shares its layers, and so some of
-    its features, with the whole model. Loading only these layers reads and converts only their weights."""
+    its features, with the whole model. Loading only these layers reads and converts only their weights. `where`
+    (the checkpoint, or the config key) starts the error for a count the checkpoint does not have."""
     n = cfg.num_hidden_layers
     if not 0 <= layers <= n:
-        raise UserError(f"{path}: layers={layers}, but the checkpoint has {n} decoder layers; expected 0 (all) "
+        raise UserError(f"{where}: layers={layers}, but the checkpoint has {n} decoder layers; expected 0 (all) "
                         f".. {n}")
     return cfg.replace(num_hidden_layers=layers) if layers else cfg
 

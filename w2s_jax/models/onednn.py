@@ -54,11 +54,11 @@ def _cache_dir() -> Path:
     return assets.cache_dir() / "kernels"
 
 
-def build(out_dir: Path | None = None) -> Path:
+def build() -> Path:
     """Compile the handler (if this source and jax version have no build yet); its path. Raises RuntimeError with
     the compiler's first error line when it cannot be built."""
     digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
-    lib = (out_dir or _cache_dir()) / f"onednn_matmul-{digest}.so"
+    lib = _cache_dir() / f"onednn_matmul-{digest}.so"
     if lib.exists():
         return lib
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")

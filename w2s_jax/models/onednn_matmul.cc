@@ -33,12 +33,10 @@ struct Matmul {
   dnnl::matmul primitive;
 };
 
-// Creating a primitive takes milliseconds, so each shape's is made once. The scratchpad is the caller's
-// (scratchpad_mode::user): XLA may run two matmuls at once on different threads.
+// Creating a primitive takes milliseconds, so each shape's is made once (the caller holds `running`). The
+// scratchpad is the caller's (scratchpad_mode::user).
 const Matmul& Get(const Key& key) {
   static std::map<Key, Matmul> cache;
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) {
     auto [m, k, n, trans_a, trans_b, f32] = key;
@@ -63,21 +61,19 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y
   if (!f32 && y->element_type() != ffi::BF16) {
     return ffi::Error::InvalidArgument("onednn_matmul: the result must be bfloat16 or float32");
   }
-  const Matmul& mm = Get({m, k, n, trans_a, trans_b, f32});
   // One matmul at a time: each already runs on every core (OpenMP), and XLA would otherwise start independent ones
   // (a backward pass's dx and d_kernel) on two of its threads at once, whose OpenMP teams then spin against each
   // other for the same cores.
   static std::mutex running;
   std::lock_guard<std::mutex> lock(running);
+  const Matmul& mm = Get({m, k, n, trans_a, trans_b, f32});
   dnnl::engine& engine = Engine();
   std::vector<uint8_t> scratch(mm.pd.scratchpad_desc().get_size());
   dnnl::stream stream(engine);
-  dnnl::memory src(Matrix(m, k, dt::bf16, trans_a), engine, a.untyped_data());
-  dnnl::memory weights(Matrix(k, n, dt::bf16, trans_b), engine, b.untyped_data());
-  dnnl::memory dst(Matrix(m, n, f32 ? dt::f32 : dt::bf16, false), engine, y->untyped_data());
-  dnnl::memory scratchpad(mm.pd.scratchpad_desc(), engine, scratch.data());
-  mm.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst},
-                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  mm.primitive.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(mm.pd.src_desc(), engine, a.untyped_data())},
+                                {DNNL_ARG_WEIGHTS, dnnl::memory(mm.pd.weights_desc(), engine, b.untyped_data())},
+                                {DNNL_ARG_DST, dnnl::memory(mm.pd.dst_desc(), engine, y->untyped_data())},
+                                {DNNL_ARG_SCRATCHPAD, dnnl::memory(mm.pd.scratchpad_desc(), engine, scratch.data())}});
   stream.wait();
   return ffi::Error::Success();
 }
