@@ -68,8 +68,10 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y
   std::lock_guard<std::mutex> lock(running);
   const Matmul& mm = Get({m, k, n, trans_a, trans_b, f32});
   dnnl::engine& engine = Engine();
-  std::vector<uint8_t> scratch(mm.pd.scratchpad_desc().get_size());
-  dnnl::stream stream(engine);
+  // One scratchpad for every call, grown to the largest asked for: a new one per call was zero-filled each time.
+  static std::vector<uint8_t> scratch;
+  if (scratch.size() < mm.pd.scratchpad_desc().get_size()) scratch.resize(mm.pd.scratchpad_desc().get_size());
+  static dnnl::stream stream(engine);
   mm.primitive.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(mm.pd.src_desc(), engine, a.untyped_data())},
                                 {DNNL_ARG_WEIGHTS, dnnl::memory(mm.pd.weights_desc(), engine, b.untyped_data())},
                                 {DNNL_ARG_DST, dnnl::memory(mm.pd.dst_desc(), engine, y->untyped_data())},
