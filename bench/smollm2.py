@@ -6,6 +6,7 @@ PyTorch, in float32 and bfloat16, side by side in one process.
     python bench/smollm2.py --quick            # smoke run: batch 4, one warm-up call and one timed round
     python bench/smollm2.py --phases=job --layer=20 --rounds=3 --job_prompts=1000   # the pipeline's feature job
     python bench/smollm2.py --phases=features,matmul --layer=20 --devices=1          # and its kernels alone
+    python bench/smollm2.py --onednn=0 --dtypes=bfloat16 --devices=1   # ours with XLA's dot, not oneDNN's matmul
 
 The model is the real SmolLM2-135M-Instruct GGUF file (`w2s_jax.assets.smollm2_gguf()`), dequantised once by
 `convert.load_gguf` into float32 parameters; PyTorch gets the very same weights (`torch_model`). The batch is real
@@ -92,6 +93,8 @@ def parse_args(argv=None):
                    help="real sentiment prompts, or random full-length token rows")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=0,
                    help="our model with nn.scan over its layers (the configs' default: 0)")
+    p.add_argument("--onednn", type=int, choices=(0, 1), default=1,
+                   help="ours: bfloat16 projections through oneDNN where usable (models/onednn.py), or XLA's dot (0)")
     p.add_argument("--malloc", default="default", choices=("default", "retain"),
                    help="host allocator of the whole process (bench/throughput.py's --malloc)")
     p.add_argument("--out", default="", help="write the JSON of every figure here")
@@ -497,7 +500,11 @@ def main(argv=None) -> dict:
     import numpy as np
 
     from w2s_jax import probe
-    from w2s_jax.models import convert
+    from w2s_jax.models import convert, onednn
+
+    onednn.ENABLED = bool(args.onednn)
+    onednn_state = "off (--onednn=0)" if not args.onednn else "on" if onednn._registered() else "unavailable"
+    print(f"ours, oneDNN for bfloat16 projections on one device: {onednn_state}", flush=True)
 
     cfg, params, path = load_smollm2(bool(args.scan_layers))
     if args.data == "sentiment":
@@ -570,7 +577,7 @@ def main(argv=None) -> dict:
         res["phase_s"] = time.perf_counter() - t0
         print(f"{phase}: {res['phase_s']:.0f} s (compilation and warm-up included)", flush=True)
     result = {"benchmark": "bench/smollm2.py", "command": " ".join(["python"] + sys.argv), "machine": info,
-              "malloc_retained": retained, "args": vars(args),
+              "malloc_retained": retained, "onednn": onednn_state, "args": vars(args),
               "model": {"path": str(path), "params": cfg.num_params, "layers": cfg.num_hidden_layers,
                         "hidden": cfg.hidden_size},
               "batch": {"rows": args.batch, "seq": args.seq, "tokens": tokens, "real_tokens": real_tokens,
