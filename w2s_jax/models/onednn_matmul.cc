@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -28,12 +29,20 @@ dnnl::memory::desc Matrix(int64_t rows, int64_t cols, dt type, bool transposed) 
                                                            : dnnl::memory::dims{cols, 1});
 }
 
+// One matmul at a time: each already runs on every core (OpenMP), and XLA would otherwise start independent ones
+// (a backward pass's dx and d_kernel) on two of its threads at once, whose OpenMP teams then spin against each
+// other for the same cores.
+std::mutex& Running() {
+  static std::mutex running;
+  return running;
+}
+
 struct Matmul {
   dnnl::matmul::primitive_desc pd;
   dnnl::matmul primitive;
 };
 
-// Creating a primitive takes milliseconds, so each shape's is made once (the caller holds `running`). The
+// Creating a primitive takes milliseconds, so each shape's is made once (the caller holds `Running()`). The
 // scratchpad is the caller's (scratchpad_mode::user).
 const Matmul& Get(const Key& key) {
   static std::map<Key, Matmul> cache;
@@ -50,6 +59,20 @@ const Matmul& Get(const Key& key) {
   return it->second;
 }
 
+// Runs a matmul made by Get (the caller holds `Running()`).
+void Execute(const Matmul& mm, void* a, void* b, void* y) {
+  dnnl::engine& engine = Engine();
+  // One scratchpad for every call, grown to the largest asked for (not allocated and zero-filled per call).
+  static std::vector<uint8_t> scratch;
+  if (scratch.size() < mm.pd.scratchpad_desc().get_size()) scratch.resize(mm.pd.scratchpad_desc().get_size());
+  static dnnl::stream stream(engine);
+  mm.primitive.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(mm.pd.src_desc(), engine, a)},
+                                {DNNL_ARG_WEIGHTS, dnnl::memory(mm.pd.weights_desc(), engine, b)},
+                                {DNNL_ARG_DST, dnnl::memory(mm.pd.dst_desc(), engine, y)},
+                                {DNNL_ARG_SCRATCHPAD, dnnl::memory(mm.pd.scratchpad_desc(), engine, scratch.data())}});
+  stream.wait();
+}
+
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y, bool trans_a, bool trans_b) {
   auto ad = a.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || bd.size() != 2 || a.element_type() != ffi::BF16 || b.element_type() != ffi::BF16) {
@@ -61,26 +84,34 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y
   if (!f32 && y->element_type() != ffi::BF16) {
     return ffi::Error::InvalidArgument("onednn_matmul: the result must be bfloat16 or float32");
   }
-  // One matmul at a time: each already runs on every core (OpenMP), and XLA would otherwise start independent ones
-  // (a backward pass's dx and d_kernel) on two of its threads at once, whose OpenMP teams then spin against each
-  // other for the same cores.
-  static std::mutex running;
-  std::lock_guard<std::mutex> lock(running);
-  const Matmul& mm = Get({m, k, n, trans_a, trans_b, f32});
-  dnnl::engine& engine = Engine();
-  // One scratchpad for every call, grown to the largest asked for: a new one per call was zero-filled each time.
-  static std::vector<uint8_t> scratch;
-  if (scratch.size() < mm.pd.scratchpad_desc().get_size()) scratch.resize(mm.pd.scratchpad_desc().get_size());
-  static dnnl::stream stream(engine);
-  mm.primitive.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(mm.pd.src_desc(), engine, a.untyped_data())},
-                                {DNNL_ARG_WEIGHTS, dnnl::memory(mm.pd.weights_desc(), engine, b.untyped_data())},
-                                {DNNL_ARG_DST, dnnl::memory(mm.pd.dst_desc(), engine, y->untyped_data())},
-                                {DNNL_ARG_SCRATCHPAD, dnnl::memory(mm.pd.scratchpad_desc(), engine, scratch.data())}});
-  stream.wait();
+  std::lock_guard<std::mutex> lock(Running());
+  try {
+    Execute(Get({m, k, n, trans_a, trans_b, f32}), a.untyped_data(), b.untyped_data(), y->untyped_data());
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal("onednn_matmul: oneDNN failed on a bfloat16 matmul [" + std::to_string(m) + ", " +
+                                std::to_string(k) + "] x [" + std::to_string(k) + ", " + std::to_string(n) +
+                                "]: " + e.what());
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+// 1 when oneDNN has bfloat16 matmuls for this CPU (every variant the handler runs), else 0: on a CPU without
+// AVX-512 (or with oneDNN's ISA capped by ONEDNN_MAX_CPU_ISA) creating one fails, and the caller keeps XLA's dot.
+extern "C" int OnednnBf16Supported() {
+  try {
+    std::lock_guard<std::mutex> lock(Running());
+    for (bool trans_a : {false, true}) {
+      for (bool trans_b : {false, true}) {
+        for (bool f32 : {false, true}) Get({16, 32, 8, trans_a, trans_b, f32});
+      }
+    }
+    return 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMatmul, Run,
                               ffi::Ffi::Bind()
