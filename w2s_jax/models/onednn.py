@@ -2,13 +2,12 @@
 
 XLA:CPU's bfloat16 matmul runs at about half the speed of oneDNN's AMX kernels on a CPU that has them, and at
 0.71-0.88x of its AVX512-BF16 kernels on an AMD EPYC (docs/BENCHMARKS.md); the projections are most of a LLaMA
-forward pass. When oneDNN's headers and library are
-installed (Debian/Ubuntu: `apt-get install libdnnl-dev`) and a C++ compiler is on the PATH, the first bfloat16
-projection builds `onednn_matmul.cc` into the asset cache (once per source and jax version) and registers it with
-XLA. `models.llama.project` then sends a bfloat16 projection to it when the program runs on a single CPU device.
-Everything else keeps XLA's own dot: float32, GPUs and TPUs, several devices (the custom call has no sharding rule,
-so a sharded program would gather its operands), and machines without oneDNN or whose CPU it has no bfloat16
-matmul for (no AVX-512); one log line says why.
+forward pass. When oneDNN's headers and library are installed (Debian/Ubuntu: `apt-get install libdnnl-dev`) and a
+C++ compiler is on the PATH, the first bfloat16 projection builds `onednn_matmul.cc` into the asset cache (once per
+source and jax version) and registers it with XLA. `models.llama.project` then sends a bfloat16 projection to it
+when the program runs on a single CPU device. Everything else keeps XLA's own dot: float32, GPUs and TPUs, several
+devices (the custom call has no sharding rule, so a sharded program would gather its operands), and machines
+without oneDNN or whose CPU it has no bfloat16 matmul for (no AVX-512); one log line says why.
 
 The result is XLA's up to the order of its float32 sums: float32 accumulation, then one rounding to the
 result's dtype (tests/test_onednn.py).
