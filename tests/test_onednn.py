@@ -45,6 +45,7 @@ def test_not_taken_on_several_devices_or_in_float32():
 
 
 ONE_DEVICE = """
+import logging; logging.basicConfig(level=logging.INFO)
 import json, jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from w2s_jax.models import llama, onednn
 cfg = llama.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -65,11 +66,16 @@ print(json.dumps(out))
 """
 
 
-def test_the_model_takes_it_on_one_device_forward_and_backward():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+def _one_device(**env):
+    """ONE_DEVICE's output ({"True": with oneDNN enabled, "False": without}) and log, in a 1-device process."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", **env}
     done = subprocess.run([sys.executable, "-c", ONE_DEVICE], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_the_model_takes_it_on_one_device_forward_and_backward():
+    out, _ = _one_device()
     on, off = out["True"], out["False"]
     # 7 projections a layer x 2 layers and the LM head: 15 in the forward, 30 in the backward (dx and d_kernel)
     assert (on["calls"], off["calls"]) == (15 * 3, 0)
@@ -79,30 +85,10 @@ def test_the_model_takes_it_on_one_device_forward_and_backward():
         assert np.linalg.norm(g_on - g_off) <= 0.02 * np.linalg.norm(g_off)  # bfloat16 rounding, placed differently
 
 
-NO_AVX512 = """
-import logging; logging.basicConfig(level=logging.INFO)
-import json, jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-from w2s_jax.models import llama, onednn
-cfg = llama.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype="bfloat16")
-model = llama.LlamaForCausalLM(cfg)
-ids = np.arange(24, dtype=np.int32).reshape(2, 12)
-params = nn.meta.unbox(model.init(jax.random.key(0), ids)["params"])
-loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, ids))[..., 3])
-lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
-value, _ = lowered.compile()(params)
-print(json.dumps({"registered": onednn._registered(), "calls": lowered.as_text().count(onednn.TARGET),
-                  "loss": float(value)}))
-"""
-
-
 def test_a_cpu_without_avx512_keeps_xlas_dot():
     """oneDNN has no bfloat16 matmul without AVX-512 (capped here with its own ISA switch): the handler is not
     registered, and a bfloat16 model runs on XLA's dot instead of failing in its first projection."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "DNNL_MAX_CPU_ISA": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    done = subprocess.run([sys.executable, "-c", NO_AVX512], cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["registered"] is False and out["calls"] == 0 and np.isfinite(out["loss"])
-    assert "no bfloat16 matmul for this CPU" in done.stderr
+    out, log = _one_device(DNNL_MAX_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    on, off = out["True"], out["False"]
+    assert on["calls"] == 0 and np.isfinite(on["loss"]) and on == off
+    assert "no bfloat16 matmul for this CPU" in log
