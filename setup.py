@@ -27,6 +27,6 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
     },
 )

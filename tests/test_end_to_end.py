@@ -142,11 +142,12 @@ def test_reward_modeling_pairwise_end_to_end(tmp_path):
     assert len(rows) == 60 and all(len(r["accept"]) == 1 for r in rows)
 
 
-def test_chess_smoke_end_to_end_with_seeds_and_fingerprints(tmp_path):
-    """The chess smoke preset over two seeds: ground truth, naive and logconf students and the weak->mid->strong
-    chain, the direct pair on a chain step's data; then a changed loss setting reruns only the runs it determines."""
+def test_chess_smoke_end_to_end_with_fingerprints(tmp_path):
+    """The chess smoke preset: ground truth, naive and logconf students and the weak->mid->strong chain, the
+    direct pair on a chain step's data; then a changed loss setting reruns only the run it determines. One seed:
+    the sentiment and sciq smoke tests run two, and the means and intervals over seeds are the same code."""
     workdir = str(tmp_path / "run")
-    args = ["--config=configs/chess.py:smoke", f"--workdir={workdir}", "--config.experiment.seeds=0,1",
+    args = ["--config=configs/chess.py:smoke", f"--workdir={workdir}", "--config.experiment.seeds=0",
             "--config.experiment.pair_examples=chain_step"]
     run_main(*args)
     results = check_results_consistent(workdir)
@@ -156,24 +157,23 @@ def test_chess_smoke_end_to_end_with_seeds_and_fingerprints(tmp_path):
     by_name = {r["name"]: r for r in results["runs"]}
     assert by_name["chain_weak-mid-strong_xent_step1"]["chain_final"] is False
     assert by_name["chain_weak-mid-strong_xent_step2"]["method"] == "chain:weak->mid->strong"
-    for seed in (0, 1):
-        folder = os.path.join(workdir, f"seed{seed}", "runs")
-        rows = metrics.read_predictions(os.path.join(workdir, f"seed{seed}", "predictions", "gt_strong.jsonl"))
-        assert len(rows) == 64
-        # the same number of examples for the direct pair and the chain's last step (the same slice)
-        step = json.load(open(os.path.join(folder, "chain_weak-mid-strong_xent_step2", "result.json")))
-        pair = json.load(open(os.path.join(folder, "w2s_weak_to_strong_xent", "result.json")))
-        assert pair["train_examples"] == step["train_examples"]
+    folder = os.path.join(workdir, "runs")  # one seed: the runs sit in the workdir itself
+    rows = metrics.read_predictions(os.path.join(workdir, "predictions", "gt_strong.jsonl"))
+    assert len(rows) == 64
+    # the same number of examples for the direct pair and the chain's last step (the same slice)
+    step = json.load(open(os.path.join(folder, "chain_weak-mid-strong_xent_step2", "result.json")))
+    pair = json.load(open(os.path.join(folder, "w2s_weak_to_strong_xent", "result.json")))
+    assert pair["train_examples"] == step["train_examples"]
     # labels are distributions over each puzzle's legal moves, stored with the example ids
-    with open(os.path.join(workdir, "seed0", "runs", "gt_weak", "labels_B.jsonl")) as f:
+    with open(os.path.join(folder, "gt_weak", "labels_B.jsonl")) as f:
         label = json.loads(f.readline())
     assert abs(sum(label["probs"]) - 1) < 1e-4 and isinstance(label["id"], str)
 
     # A changed config key reruns exactly the stages it determines, and says which key changed.
     rerun = run_main(*args, "--config.losses.logconf.aux_coef=0.3")
-    assert rerun.stderr.count("recomputing, its inputs changed: losses.logconf.aux_coef: 0.5 -> 0.3") == 2
+    assert rerun.stderr.count("recomputing, its inputs changed: losses.logconf.aux_coef: 0.5 -> 0.3") == 1
     trained = [line for line in rerun.stderr.splitlines() if ": training " in line]
-    assert len(trained) == 2 and all("w2s_weak_to_strong_logconf" in line for line in trained)
+    assert len(trained) == 1 and "w2s_weak_to_strong_logconf" in trained[0]
     with open(os.path.join(workdir, "results.json")) as f:
         assert json.load(f)["config"]["losses"]["logconf"]["aux_coef"] == 0.3
 

@@ -9,6 +9,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A cut-down smoke run: one pair, one loss, few examples; the point is the multi-process machinery.
 ARGS = ["--config=configs/chess.py:smoke", "--config.experiment.chains=", "--config.experiment.losses=xent",
+        "--config.experiment.ground_truth=weak,strong",
         "--config.task.n_train=64", "--config.task.n_test=32", "--config.task.max_corpus_games=100",
         "--config.pretrain.steps=4", "--config.train.batch_size=8", "--config.eval.batch_size=16",
         "--config.mesh.fsdp=4"]
