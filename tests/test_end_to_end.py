@@ -145,7 +145,7 @@ def test_reward_modeling_pairwise_end_to_end(tmp_path):
 def test_chess_smoke_end_to_end_with_fingerprints(tmp_path):
     """The chess smoke preset: ground truth, naive and logconf students and the weak->mid->strong chain, the
     direct pair on a chain step's data; then a changed loss setting reruns only the run it determines. One seed:
-    the sentiment and sciq smoke tests run two, and the means and intervals over seeds are the same code."""
+    the sentiment smoke test runs two, and the means and intervals over seeds are the same code."""
     workdir = str(tmp_path / "run")
     args = ["--config=configs/chess.py:smoke", f"--workdir={workdir}", "--config.experiment.seeds=0",
             "--config.experiment.pair_examples=chain_step"]
