@@ -74,7 +74,8 @@ def get_config(preset: str = "ladder"):
         c.models.mid = model(preset="micro-m", lr=1e-3)
         c.models.strong = model(preset="micro-l", lr=1e-3)
         c.pretrain.update(steps=20, batch_size=16, seq_len=128)
-        c.train.update(batch_size=16, epochs=1.0, checkpoint_every=4)
+        # One sequence bucket (every prompt fits 512 tokens): at this size compiling is most of a run's time.
+        c.train.update(batch_size=16, epochs=1.0, checkpoint_every=4, length_multiple=512)
         c.eval.batch_size = 32
     elif preset in ("llama1", "llama2"):
         # Real checkpoints: give their paths on the command line. Data: the lichess CSV or the generator.
