@@ -80,6 +80,22 @@ CASES = {
                        "invalid config: experiment.methods: 'probe' needs a fixed set of classes, but task.scoring="
                        "'choice_lm' scores a variable list of candidates (chess: the legal moves), so a linear head "
                        "over their indices means nothing"),
+    "unknown_model_in_chain": ([SMOKE, "--config.experiment.chains=weak->huge->strong"], {},
+                               "invalid config: experiment.chains: unknown model 'huge' in 'weak->huge->strong'; "
+                               "models are ['mid', 'strong', 'weak']"),
+    "hf_model_without_checkpoint": ([SMOKE, "--config.models.weak.source=hf"], {},
+                                    "invalid config: models.weak.checkpoint is empty: give the path of a Hugging "
+                                    "Face LLaMA directory (--config.models.weak.checkpoint=/path/to/llama); "
+                                    "tokenizer.source='train' cannot serve HF checkpoints; use "
+                                    "tokenizer.source='model'"),
+    "unknown_loss": ([SMOKE, "--config.experiment.losses=xent,nope"], {},
+                     "invalid config: experiment.losses / losses.nope: unknown loss 'nope'; valid: xent, logconf, "
+                     "product, window, entropy"),
+    "unknown_method": ([SMOKE, "--config.experiment.methods=zero_shot,magic"], {},
+                       "invalid config: experiment.methods: unknown method 'magic'; valid methods are ['probe', "
+                       "'finetune_probe', 'genft', 'zero_shot', 'few_shot']"),
+    "bad_host_malloc": ([SMOKE, "--config.host_malloc=sometimes"], {},
+                        "config.host_malloc='sometimes': expected 'retain' or 'default'"),
     "bad_seeds": ([SMOKE, "--config.experiment.seeds=0,zero"], {},
                   "invalid config: experiment.seeds='0,zero': expected comma-separated integers such as '0,1,2'"),
     "bad_distributed_mode": ([SMOKE, "--config.distributed.mode=bogus"], {},
@@ -139,14 +155,19 @@ def run_main(tmp, name, args, env):
                           env=base_env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli")
+def run_every_case(tmp):
     write_inputs(tmp)
     every = {**{name: case[:2] for name, case in CASES.items()}, **OTHER_RUNS}
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         futures = {name: pool.submit(run_main, tmp, name, args, env) for name, (args, env) in every.items()}
-        return tmp, {name: future.result() for name, future in futures.items()}
+        procs = {name: future.result() for name, future in futures.items()}
+    return {name: [p.returncode, p.stdout, p.stderr] for name, p in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(once_per_session):
+    tmp, procs = once_per_session("cli", run_every_case)
+    return tmp, {name: subprocess.CompletedProcess(name, *p) for name, p in procs.items()}
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -78,6 +78,7 @@ def write_sciq(path, n, seed):
                                 "support": ""}) + "\n")
 
 
+@pytest.mark.slow(140)
 def test_sciq_local_files_end_to_end_with_every_method(tmp_path):
     write_sciq(tmp_path / "train.jsonl", 400, 0)
     write_sciq(tmp_path / "test.jsonl", 80, 1)
@@ -102,21 +103,7 @@ def test_sciq_local_files_end_to_end_with_every_method(tmp_path):
         assert json.load(f)["runs"] == results["runs"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.experiment.chains=weak->huge->strong", "unknown model 'huge'"),
-    ("--config.models.weak.source=hf", "models.weak.checkpoint is empty"),
-    ("--config.experiment.losses=xent,nope", "nope"),
-    ("--config.train.bogus=1", "--config.train.bogus"),
-    ("--config.experiment.methods=probe,magic", "unknown method 'magic'"),
-    ("--config.host_malloc=sometimes", "config.host_malloc='sometimes'"),
-])
-def test_bad_config_fails_with_one_clear_message(tmp_path, override, message):
-    proc = run_main("--config=configs/chess.py:smoke", f"--workdir={tmp_path}", override, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
+@pytest.mark.slow(80)
 def test_reward_modeling_pairwise_end_to_end(tmp_path):
     r = random.Random(0)
     for split, n in (("train", 300), ("test", 60)):
@@ -142,6 +129,7 @@ def test_reward_modeling_pairwise_end_to_end(tmp_path):
     assert len(rows) == 60 and all(len(r["accept"]) == 1 for r in rows)
 
 
+@pytest.mark.slow(320)
 def test_chess_smoke_end_to_end_with_fingerprints(tmp_path):
     """The chess smoke preset: ground truth, naive and logconf students and the weak->mid->strong chain, the
     direct pair on a chain step's data; then a changed loss setting reruns only the run it determines. One seed:
@@ -178,6 +166,7 @@ def test_chess_smoke_end_to_end_with_fingerprints(tmp_path):
         assert json.load(f)["config"]["losses"]["logconf"]["aux_coef"] == 0.3
 
 
+@pytest.mark.slow(75)
 def test_sentiment_smoke_on_the_real_smollm2_and_real_labels(tmp_path):
     """The real-model config at smoke size: a micro LLaMA pretrained on the unrated train-side sentences, SmolLM2
     from its GGUF (cut to 1 and 2 layers), human-labelled movie snippets, probes on frozen features, two seeds, the
@@ -199,6 +188,7 @@ def test_sentiment_smoke_on_the_real_smollm2_and_real_labels(tmp_path):
         assert json.load(f)["method"] == "probe"
 
 
+@pytest.mark.slow(150)
 def test_sentiment_smoke_finetuning_the_top_layers(tmp_path):
     """The `finetune` preset's method at smoke size: each model's top layer finetuned on the hidden states of its
     frozen layers below, computed once and cached (the 1-layer exit trains whole), with the naive and the
@@ -225,6 +215,7 @@ def test_sentiment_smoke_finetuning_the_top_layers(tmp_path):
     assert ": training " not in rerun.stderr
 
 
+@pytest.mark.slow(110)
 def test_sentiment_smoke_head_initialised_from_a_probe(tmp_path):
     """`train.head_init='probe'` (linear probing, then finetuning): each head starts as a probe fitted on what it
     reads, the final normed state at the last prompt token. At a learning rate of 0 nothing moves, so the finetuned

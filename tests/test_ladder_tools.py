@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import chess
+import pytest
 
 from w2s_jax.data import chess as cd
 
@@ -77,6 +78,7 @@ def test_curve_orders_rungs_by_compute_and_writes_the_plot(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow(65)
 def test_pretrain_ladder_writes_loadable_checkpoints_and_a_manifest(tmp_path):
     """launch/pretrain_ladder.py at toy size: the pipeline's own pretraining, copied out as HF checkpoints that a
     `source='hf'` model loads, with the manifest that the shipped ladder's test reads."""

@@ -31,13 +31,17 @@ def load_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def plan():
+def make_plan(_folder):
     proc = run_tool("--model=micro-s", "--devices=8", "--mesh.data=1", "--mesh.fsdp=4", "--mesh.tensor=2",
                     "--batch=8", "--microbatches=1", "--seq=32", "--scored=16", "--candidates=8",
                     f"--hbm_gib={HBM_GIB}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def plan(once_per_session):
+    return once_per_session("memory_plan", make_plan)[1]
 
 
 def test_plan_reports_the_requested_setup(plan):

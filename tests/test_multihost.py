@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A cut-down smoke run: one pair, one loss, few examples; the point is the multi-process machinery.
 ARGS = ["--config=configs/chess.py:smoke", "--config.experiment.chains=", "--config.experiment.losses=xent",
@@ -30,6 +32,7 @@ def _runs(workdir):
         return json.load(f)["runs"]
 
 
+@pytest.mark.slow(270)
 def test_two_processes_equal_one_process(tmp_path):
     """The two-process command of docs/LAUNCH.md, started once per process with no distributed.mode: coordinator,
     process count and id alone make the two processes one run (they once ran as two independent single-process
