@@ -38,7 +38,11 @@ SmolLM2's tokenizer, right-padded to --seq as `batching.collate` pads them), or 
             dtype, the kernel already in that dtype as `probe.frozen_params` gives it) and one PyTorch `x @ w` in
             the dtype (bfloat16 tensors, not autocast, so no weight cast is timed); each is called 30 times in a
             row after the warm-up (the median is reported), not round-robin. Reported in GFLOP/s, and as the
-            seconds the features phase's layers would take if they did only these matmuls at these rates.
+            seconds the features phase's layers, and the train step's (every layer, each projection three
+            times: forward, input gradient, weight gradient, the gradients assumed at the forward's rate), would
+            take if they did only these matmuls at these rates. With a features or train phase in the same
+            run, it also prints the ceiling: PyTorch's measured time over ours doing nothing but our
+            projections, the most ours could reach with its kernels (and likewise with PyTorch's kernels).
 
 Dtypes: float32 for both frameworks, and bfloat16 as each framework's mixed precision: ours with the model
 config's `dtype="bfloat16"` (float32 parameters and optimizer state, bfloat16 matmuls with float32
@@ -358,8 +362,8 @@ def matmul_fns(cfg, tokens: int, dtype: str, frameworks) -> dict:
 
 
 def matmul_summary(cfg, runs: dict, tokens: int, layers: int) -> dict:
-    """Per run: GFLOP/s; per framework and dtype: one layer's projections, and `layers` of them, in seconds at
-    the measured rates."""
+    """Per run: GFLOP/s; per framework and dtype: one layer's projections, `layers` of them (the features phase)
+    and the train step's (all layers, each projection three times), in seconds at the measured rates."""
     shapes = projection_shapes(cfg)
     layer_s = {}
     for run, r in runs.items():
@@ -367,7 +371,26 @@ def matmul_summary(cfg, runs: dict, tokens: int, layers: int) -> dict:
         (d_in, d_out), count = shapes[name]
         r["gflop_s"] = 2 * tokens * d_in * d_out / r["s"] / 1e9
         layer_s[model] = layer_s.get(model, 0.0) + count * r["s"]
-    return {model: {"layer_s": s, "forward_s": layers * s} for model, s in layer_s.items()}
+    return {model: {"layer_s": s, "forward_s": layers * s, "train_s": 3 * cfg.num_hidden_layers * s}
+            for model, s in layer_s.items()}
+
+
+def ceilings(phases: dict) -> dict:
+    """{phase: {ours: {kernels: x}}}: PyTorch's measured time of a features or train phase over the time ours
+    would take doing nothing but its projections at `kernels`' matmul rates (ours, then PyTorch's): the speed-up
+    over PyTorch that no implementation reaches without faster kernels."""
+    proj = phases["matmul"]["projections"]
+    out = {}
+    for phase, key in (("features", "forward_s"), ("train", "train_s")):
+        runs = phases.get(phase, {}).get("runs", {})
+        for name in runs:
+            dtype = name.split("/")[1]
+            torch_run = runs.get(f"torch/{dtype}")
+            if name.startswith("jax/") and torch_run is not None:
+                out.setdefault(phase, {})[name] = {
+                    kernels: torch_run["s"] / proj[f"{kernels}/{dtype}"][key]
+                    for kernels in ("jax", "torch") if f"{kernels}/{dtype}" in proj}
+    return out
 
 
 def jax_train_step(cfg, params, batch: dict, runtime, total_steps: int = 1000):
@@ -592,10 +615,17 @@ def main(argv=None) -> dict:
         print(f"matmul, GFLOP/s on [{tokens}, in] @ [in, out]: " + ", ".join(
             f"{name} {r['gflop_s']:,.0f}" for name, r in res["runs"].items()))
         for model, p in res["projections"].items():
-            measured = phases.get("features", {}).get("runs", {}).get(model)
-            print(f"matmul {model}: one layer's projections {p['layer_s'] * 1e3:.1f} ms, the features phase's "
-                  f"{res['layers']} layers {p['forward_s']:.3f} s at these rates"
-                  + (f" (its forward measured {measured['s']:.3f} s)" if measured else ""))
+            measured = {ph: phases.get(ph, {}).get("runs", {}).get(model) for ph in ("features", "train")}
+            print(f"matmul {model}: one layer's projections {p['layer_s'] * 1e3:.1f} ms; at these rates the "
+                  f"features phase's {res['layers']} layers {p['forward_s']:.3f} s"
+                  + (f" (its forward measured {measured['features']['s']:.3f} s)" if measured["features"] else "")
+                  + f", the train step's {cfg.num_hidden_layers} x 3 {p['train_s']:.3f} s"
+                  + (f" (its step measured {measured['train']['s']:.3f} s)" if measured["train"] else ""))
+        res["ceiling"] = ceilings(phases)
+        for phase, by_run in res["ceiling"].items():
+            for name, c in by_run.items():
+                print(f"{phase} {name}: at most " + " / ".join(f"{x:.2f}x with {k}'s kernels" for k, x in c.items())
+                      + " (PyTorch's measured time over ours doing nothing but its projections)")
     for phase, res in phases.items():
         if phase == "matmul":  # the kernels are context for the phases, not the target's measure
             continue

@@ -83,5 +83,17 @@ def test_matmul_kernels_compute_the_product():
                                    rtol=1e-5, atol=1e-6)
     runs = {n: {"s": 0.5} for n in fns}
     summary = smollm2.matmul_summary(CFG, runs, 16, 3)
-    assert summary["jax/f32"] == {"layer_s": 3.5, "forward_s": 10.5}  # 7 kernels of 0.5 s, 3 layers
+    # 7 kernels of 0.5 s; 3 layers for the features; the train step's 2 layers, each projection 3 times
+    assert summary["jax/f32"] == {"layer_s": 3.5, "forward_s": 10.5, "train_s": 21.0}
     assert runs["jax/f32 down"]["gflop_s"] == 2 * 16 * 64 * 32 / 0.5 / 1e9
+
+
+def test_ceiling_is_torch_time_over_projection_time():
+    proj = {"jax/f32": {"forward_s": 2.0, "train_s": 8.0}, "torch/f32": {"forward_s": 1.0, "train_s": 5.0},
+            "jax/bf16": {"forward_s": 0.5, "train_s": 2.0}}
+    phases = {"matmul": {"projections": proj},
+              "features": {"runs": {"jax/f32": {"s": 3.0}, "torch/f32": {"s": 3.0}}},
+              "train": {"runs": {"jax/f32": {"s": 12.0}, "torch/f32": {"s": 10.0}, "jax/bf16": {"s": 4.0}}}}
+    # ours in bfloat16 has no PyTorch bfloat16 run to compare with: no ceiling
+    assert smollm2.ceilings(phases) == {"features": {"jax/f32": {"jax": 1.5, "torch": 3.0}},
+                                       "train": {"jax/f32": {"jax": 1.25, "torch": 2.0}}}
