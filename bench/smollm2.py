@@ -42,7 +42,8 @@ SmolLM2's tokenizer, right-padded to --seq as `batching.collate` pads them), or 
             times: forward, input gradient, weight gradient, the gradients assumed at the forward's rate), would
             take if they did only these matmuls at these rates. With a features or train phase in the same
             run, it also prints the ceiling: PyTorch's measured time over ours doing nothing but our
-            projections, the most ours could reach with its kernels (and likewise with PyTorch's kernels).
+            projections (for the job: over its prompt tokens), the most ours could reach with its kernels (and
+            likewise with PyTorch's kernels).
 
 Dtypes: float32 for both frameworks, and bfloat16 as each framework's mixed precision: ours with the model
 config's `dtype="bfloat16"` (float32 parameters and optimizer state, bfloat16 matmuls with float32
@@ -375,20 +376,22 @@ def matmul_summary(cfg, runs: dict, tokens: int, layers: int) -> dict:
             for model, s in layer_s.items()}
 
 
-def ceilings(phases: dict) -> dict:
-    """{phase: {ours: {kernels: x}}}: PyTorch's measured time of a features or train phase over the time ours
+def ceilings(phases: dict, job_batches: float = 0.0) -> dict:
+    """{phase: {ours: {kernels: x}}}: PyTorch's measured time of a features, job or train phase over the time ours
     would take doing nothing but its projections at `kernels`' matmul rates (ours, then PyTorch's): the speed-up
-    over PyTorch that no implementation reaches without faster kernels."""
+    over PyTorch that no implementation reaches without faster kernels. The job's projections are the features
+    phase's over `job_batches` times as many tokens (its prompt tokens, no padding)."""
     proj = phases["matmul"]["projections"]
     out = {}
-    for phase, key in (("features", "forward_s"), ("train", "train_s")):
+    for phase, key, times in (("features", "forward_s", 1.0), ("job", "forward_s", job_batches),
+                              ("train", "train_s", 1.0)):
         runs = phases.get(phase, {}).get("runs", {})
         for name in runs:
             dtype = name.split("/")[1]
             torch_run = runs.get(f"torch/{dtype}")
             if name.startswith("jax/") and torch_run is not None:
                 out.setdefault(phase, {})[name] = {
-                    kernels: torch_run["s"] / proj[f"{kernels}/{dtype}"][key]
+                    kernels: torch_run["s"] / (times * proj[f"{kernels}/{dtype}"][key])
                     for kernels in ("jax", "torch") if f"{kernels}/{dtype}" in proj}
     return out
 
@@ -621,7 +624,7 @@ def main(argv=None) -> dict:
                   + (f" (its forward measured {measured['features']['s']:.3f} s)" if measured["features"] else "")
                   + f", the train step's {cfg.num_hidden_layers} x 3 {p['train_s']:.3f} s"
                   + (f" (its step measured {measured['train']['s']:.3f} s)" if measured["train"] else ""))
-        res["ceiling"] = ceilings(phases)
+        res["ceiling"] = ceilings(phases, job_tokens / tokens)
         for phase, by_run in res["ceiling"].items():
             for name, c in by_run.items():
                 print(f"{phase} {name}: at most " + " / ".join(f"{x:.2f}x with {k}'s kernels" for k, x in c.items())

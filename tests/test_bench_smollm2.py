@@ -93,7 +93,9 @@ def test_ceiling_is_torch_time_over_projection_time():
             "jax/bf16": {"forward_s": 0.5, "train_s": 2.0}}
     phases = {"matmul": {"projections": proj},
               "features": {"runs": {"jax/f32": {"s": 3.0}, "torch/f32": {"s": 3.0}}},
-              "train": {"runs": {"jax/f32": {"s": 12.0}, "torch/f32": {"s": 10.0}, "jax/bf16": {"s": 4.0}}}}
-    # ours in bfloat16 has no PyTorch bfloat16 run to compare with: no ceiling
-    assert smollm2.ceilings(phases) == {"features": {"jax/f32": {"jax": 1.5, "torch": 3.0}},
-                                       "train": {"jax/f32": {"jax": 1.25, "torch": 2.0}}}
+              "train": {"runs": {"jax/f32": {"s": 12.0}, "torch/f32": {"s": 10.0}, "jax/bf16": {"s": 4.0}}},
+              "job": {"runs": {"jax/f32": {"s": 30.0}, "torch/f32": {"s": 24.0}}}}
+    # ours in bfloat16 has no PyTorch bfloat16 run to compare with: no ceiling; the job is 4 batches' tokens
+    assert smollm2.ceilings(phases, job_batches=4.0) == {"features": {"jax/f32": {"jax": 1.5, "torch": 3.0}},
+                                                         "job": {"jax/f32": {"jax": 3.0, "torch": 6.0}},
+                                                         "train": {"jax/f32": {"jax": 1.25, "torch": 2.0}}}
