@@ -305,6 +305,28 @@ def test_tokenizer_from_the_gguf_metadata(written, bpe):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
 
 
+def test_tokenizer_is_built_once_then_loaded_from_the_cache(written, bpe, tmp_path, monkeypatch):
+    _, path = written("q8_q4_like_smollm2")
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    built = []
+    build = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: built.append(k.get("gguf_file")) or build(*a, **k))
+    first, second = convert.load_tokenizer(path), convert.load_tokenizer(path)
+    assert built == ["model.gguf", None]  # from the GGUF metadata once, then from the saved files
+    [saved] = (tmp_path / "cache" / "tokenizers").iterdir()
+    assert saved.name.startswith("model-") and (saved / "tokenizer.json").is_file()
+    text = "the movie was wonderful; a great story!"
+    for tok in (first, second):
+        assert tok(text)["input_ids"] == first(text)["input_ids"]
+        assert tok(text, add_special_tokens=False)["input_ids"] == bpe.encode(text).ids
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+    # a cache that cannot be written (a file where its folder should be) costs the time, not the tokenizer
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache" / "tokenizers" / saved.name / "tokenizer.json"))
+    assert convert.load_tokenizer(path)(text)["input_ids"] == first(text)["input_ids"]
+    assert built[-1] == "model.gguf"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rope scaling
 

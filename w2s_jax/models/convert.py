@@ -17,6 +17,8 @@ import functools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -736,13 +738,44 @@ def load_checkpoint(path: str | os.PathLike, **kwargs) -> tuple[LlamaConfig, dic
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer: a HF directory's own files, or the one a GGUF file describes (transformers builds
-    it from the file's `tokenizer.ggml.*` metadata; a few seconds for a 50k-token vocabulary)."""
+    """The checkpoint's tokenizer: a HF directory's own files, or the one a GGUF file describes (`gguf_tokenizer`)."""
     from transformers import AutoTokenizer
     path = Path(path)
     if checkpoint_kind(path) == "gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes. transformers builds it from the metadata
+    (~7 s for SmolLM2's 49k-token vocabulary on 2 cores), so the result is saved once (`save_pretrained`) in the
+    asset cache, under the hash of the file's metadata and tensor index (everything before the tensor data) and
+    transformers' version; later runs load those files in well under a second. An unwritable cache only costs the
+    time."""
+    import hashlib
+
+    import transformers
+
+    from w2s_jax import assets  # the asset cache (~/.cache/w2s_jax or $W2S_ASSETS)
+    reader = _open_gguf(path)
+    digest = hashlib.sha256(reader.data[:reader.data_offset])
+    digest.update(transformers.__version__.encode())
+    saved = assets.cache_dir() / "tokenizers" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    if saved.is_dir():
+        return transformers.AutoTokenizer.from_pretrained(str(saved))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tmp = None
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=saved.parent)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, saved)  # atomic: a process that saved it first keeps its copy, and this one is removed
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not saved.is_dir():
+            log.info("%s: tokenizer not saved in %s (%s); it is built again next time", path, saved.parent, e)
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
