@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -752,8 +753,6 @@ def gguf_tokenizer(path: Path):
     asset cache, under the hash of the file's metadata and tensor index (everything before the tensor data) and
     transformers' version; later runs load those files in well under a second. An unwritable cache only costs the
     time."""
-    import hashlib
-
     import transformers
 
     from w2s_jax import assets  # the asset cache (~/.cache/w2s_jax or $W2S_ASSETS)
