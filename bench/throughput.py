@@ -156,9 +156,9 @@ def _timed(fn) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the two steps
-def jax_train_step(cfg, blocks, devices: int):
-    """Our jitted LM train step as a blocking no-argument function (the state is donated, so each step feeds the
-    next), on a mesh of the first `devices` devices (the project's default mesh: data 1, fsdp -1, tensor 1)."""
+def jax_lm_step(cfg, blocks, devices: int):
+    """(jitted step, initial state, device batch, runtime) of our LM train step on a mesh of the first `devices`
+    devices (the project's default mesh: data 1, fsdp -1, tensor 1); the step donates the state."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -173,9 +173,17 @@ def jax_train_step(cfg, blocks, devices: int):
     tx = optax.adamw(1e-4, weight_decay=0.01)
     params = nn.meta.unbox(LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.asarray(blocks[:1, :-1]))["params"])
     _, shardings = train.state_shardings(cfg, None, tx, runtime)
-    holder = {"state": train.create_state({"lm": params}, tx, shardings)}
+    state = train.create_state({"lm": params}, tx, shardings)
     step_fn = train.jit_step(train.make_lm_step(cfg, tx), shardings, runtime)
-    batch = runtime.put_batch({"blocks": blocks})
+    return step_fn, state, runtime.put_batch({"blocks": blocks}), runtime
+
+
+def jax_train_step(cfg, blocks, devices: int):
+    """Our jitted LM train step (`jax_lm_step`) as a blocking no-argument function; each step feeds the next."""
+    import jax
+
+    step_fn, state, batch, _ = jax_lm_step(cfg, blocks, devices)
+    holder = {"state": state}
 
     def step():
         holder["state"], metrics = step_fn(holder["state"], batch)

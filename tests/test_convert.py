@@ -177,7 +177,7 @@ def test_config_from_hf_rejects_unsupported_architecture_features():
 @pytest.mark.parametrize("name,total", [
     ("llama1-7b", 6_738_415_616), ("llama2-7b", 6_738_415_616),
     ("llama1-13b", 13_015_864_320), ("llama2-13b", 13_015_864_320),
-    ("llama3-8b", 8_030_261_248), ("llama3.1-8b", 8_030_261_248),
+    ("llama3-8b", 8_030_261_248), ("llama3.1-8b", 8_030_261_248), ("llama3.2-1b", 1_235_814_400),
 ])
 def test_real_preset_param_counts(name, total):
     assert get_preset(name).num_params == total
@@ -187,6 +187,8 @@ def test_llama3_presets():
     cfg = get_preset("llama3-8b")
     assert (cfg.num_key_value_heads, cfg.vocab_size, cfg.rope_theta, cfg.rope_type) == (8, 128256, 500000.0, "default")
     assert get_preset("llama3.1-8b").rope_type == "llama3"
+    small = get_preset("llama3.2-1b")
+    assert (small.rope_type, small.rope_factor, small.tie_word_embeddings, small.head_dim) == ("llama3", 32.0, True, 64)
 
 
 def test_tiny_and_bench_preset_sizes():

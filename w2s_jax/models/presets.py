@@ -29,6 +29,10 @@ _LLAMA3_8B = LlamaConfig(
 _LLAMA31_8B = dataclasses.replace(
     _LLAMA3_8B, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
     rope_original_max_position=8192, max_position_embeddings=131072)
+# LLaMA-3.2-1B: 16 layers of width 2048, tied embeddings, the LLaMA-3.1 rope at factor 32 (the ~1B of bench/mfu.py).
+_LLAMA32_1B = dataclasses.replace(
+    _LLAMA31_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_key_value_heads=8,
+    head_dim=64, rope_factor=32.0, tie_word_embeddings=True)
 
 
 def _tiny(hidden: int, layers: int, heads: int, vocab_size: int = 512, max_len: int = 1024) -> LlamaConfig:
@@ -46,6 +50,7 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama2-13b": _LLAMA2_13B,
     "llama3-8b": _LLAMA3_8B,
     "llama3.1-8b": _LLAMA31_8B,
+    "llama3.2-1b": _LLAMA32_1B,
     # Tiny ladder for the CPU default (non-embedding params ~0.07M, ~0.26M, ~0.59M; sized so that the whole chess
     # experiment runs in minutes on 2 cores); vocab_size comes from the tokenizer.
     "tiny-s": _tiny(hidden=48, layers=2, heads=2),

@@ -1,0 +1,55 @@
+"""bench/mfu.py: its MFU is MaxText's formula applied to what it measured, remat changes the speed and not the
+math, and a case that runs out of device memory is a row of the report, not the end of the run."""
+import pytest
+
+from bench import mfu, throughput
+from w2s_jax.models.presets import get_preset
+
+
+def test_datasheet_peaks():
+    assert mfu.datasheet_tflops("NVIDIA H200") == 989.4
+    assert mfu.datasheet_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert mfu.datasheet_tflops("TPU v5 lite") == 197.0
+    assert mfu.datasheet_tflops("cpu") is None
+
+
+def test_reports_mfu_of_the_measured_step():
+    r = mfu.main(["--size=micro-s", "--batches=2", "--seq=16", "--steps=1", "--warmup=0", "--remat=none,full",
+                  "--dtype=float32", "--matmul_n=256", "--devices=2"])
+    cfg = get_preset("micro-s")
+    assert r["flops_per_token"] == throughput.flops_per_token(cfg, 16)
+    assert r["peak_source"] == "measured matmul" and r["peak_tflops"] == r["matmul_tflops"]
+    none, full = r["cases"]
+    for case in (none, full):
+        assert case["tokens_per_s"] == pytest.approx(2 * 16 / case["step_s"])
+        per_chip = case["tokens_per_s"] * r["flops_per_token"] / 2 / 1e12
+        assert case["mfu"] == pytest.approx(per_chip / r["peak_tflops"])
+        # float32 params, gradients and AdamW's two moments are all live in the step
+        assert case["memory_bytes"] > 3 * 4 * cfg.num_params
+    assert (none["remat"], full["remat"]) == ("none", "full")
+    assert none["loss"] == pytest.approx(full["loss"], abs=1e-6)
+
+
+def test_out_of_memory_is_a_row(monkeypatch, capsys):
+    def run_case(cfg, batch, args, devices):
+        if batch > 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB")
+        return {"step_s": 1.0, "samples_s": [1.0], "tokens_per_s": batch * args.seq, "compile_s": 0.0,
+                "memory_bytes": None, "loss": 1.0}
+
+    monkeypatch.setattr(mfu, "run_case", run_case)
+    r = mfu.main(["--size=micro-s", "--batches=2,4", "--seq=16", "--remat=none", "--matmul_n=64",
+                  "--devices=1"])
+    assert [c.get("error") for c in r["cases"]] == [None, "out of memory"]
+    assert "| out of memory" in capsys.readouterr().out
+    monkeypatch.setattr(mfu, "run_case", lambda *a: 1 / 0)  # any other error is a bug, and stops the run
+    with pytest.raises(ZeroDivisionError):
+        mfu.main(["--size=micro-s", "--batches=2", "--seq=16", "--remat=none", "--matmul_n=64", "--devices=1"])
+
+
+@pytest.mark.parametrize("flag,message", [("--remat=some", "--remat: unknown"), ("--batches=0", "--batches"),
+                                          ("--batches=a", "--batches"), ("--devices=-1", "--devices")])
+def test_bad_flags(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        mfu.parse_args([flag])
+    assert message in capsys.readouterr().err
