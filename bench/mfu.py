@@ -1,9 +1,10 @@
 """Train-step MFU of our Flax LLaMA on the chips jax sees: the pipeline's LM step against the chips' peak.
 
-    python bench/mfu.py [--size=llama3.2-1b] [--batches=8,16] [--seq=2048] [--remat=none,full] [--steps=10]
+    python bench/mfu.py [--size=llama3.2-1b] [--batches=8,16] [--seq=2048] [--attention=own,jax] [--remat=none]
+                        [--steps=10]
                         [--warmup=2] [--dtype=bfloat16] [--devices=0] [--peak_tflops=0] [--out=mfu.json]
 
-Each case (one batch size x one remat policy) compiles `train.make_lm_step` (forward, backward, AdamW) as
+Each case (one attention x one remat policy x one batch size) compiles `train.make_lm_step` (forward, backward, AdamW) as
 `train.jit_step` jits it, on a mesh of every device or the first `--devices` (the project's default mesh: data 1,
 fsdp -1, tensor 1), with float32 parameters and optimizer state and `--dtype` compute, on random token blocks [B, L+1]; the same step
 `bench/throughput.py` times on CPU. MFU is MaxText's measure:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -51,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--size", default="llama3.2-1b", help="model preset (w2s_jax/models/presets.py)")
     p.add_argument("--batches", default="8,16", help="comma-separated global batch sizes (sequences per step)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length L (blocks are [B, L+1])")
-    p.add_argument("--remat", default="none,full", help="comma-separated remat policies (LlamaConfig.remat_policy)")
+    p.add_argument("--attention", default="own,jax",
+                   help="comma-separated attentions (LlamaConfig.attention: own, or jax's, cuDNN's flash on GPUs)")
+    p.add_argument("--remat", default="none", help="comma-separated remat policies (LlamaConfig.remat_policy)")
     p.add_argument("--dtype", default="bfloat16", choices=tuple(throughput.DTYPES), help="compute dtype")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=0, help="scan over the layers")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices; 0: all")
@@ -72,11 +76,13 @@ def parse_args(argv=None):
         p.error(f"--batches={args.batches!r}: expected comma-separated integers")
     if not args.batches or min(args.batches) < 1:
         p.error(f"--batches={args.batches}: expected positive integers")
-    args.remat = [r for r in args.remat.split(",") if r]
-    from w2s_jax.models.llama import REMAT_POLICIES
-    unknown = sorted(set(args.remat) - set(REMAT_POLICIES))
-    if unknown or not args.remat:
-        p.error(f"--remat: unknown {unknown or 'empty'}; expected some of {', '.join(REMAT_POLICIES)}")
+    from w2s_jax.models.llama import ATTENTIONS, REMAT_POLICIES
+    for name, valid in (("attention", ATTENTIONS), ("remat", REMAT_POLICIES)):
+        values = [v for v in getattr(args, name).split(",") if v]
+        unknown = sorted(set(values) - set(valid))
+        if unknown or not values:
+            p.error(f"--{name}: unknown {unknown or 'empty'}; expected some of {', '.join(valid)}")
+        setattr(args, name, values)
     return args
 
 
@@ -128,14 +134,14 @@ def run_case(cfg, batch: int, args, devices: int) -> dict:
 
 
 def format_table(cases: list[dict]) -> str:
-    header = ("batch", "remat", "step s", "tokens/s", "TFLOP/s/chip", "MFU %", "MFU % of matmul", "GiB/device")
+    header = ("attention", "remat", "batch", "step s", "tokens/s", "TFLOP/s/chip", "MFU %", "MFU % of matmul", "GiB/device")
     lines = [header]
     for c in cases:
         if "error" in c:
-            lines.append((str(c["batch"]), c["remat"], c["error"], "", "", "", "", ""))
+            lines.append((c["attention"], c["remat"], str(c["batch"]), c["error"], "", "", "", "", ""))
             continue
         gib = "" if c["memory_bytes"] is None else f"{c['memory_bytes'] / 2 ** 30:.1f}"
-        lines.append((str(c["batch"]), c["remat"], f"{c['step_s']:.4f}", f"{c['tokens_per_s']:,.0f}",
+        lines.append((c["attention"], c["remat"], str(c["batch"]), f"{c['step_s']:.4f}", f"{c['tokens_per_s']:,.0f}",
                       f"{c['tflops_per_chip']:.4g}", f"{100 * c['mfu']:.1f}", f"{100 * c['mfu_of_matmul']:.1f}", gib))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = [" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
@@ -165,27 +171,26 @@ def main(argv=None) -> dict:
     print(f"{args.size}: {base.num_params / 1e6:,.1f}M params, {flops / 1e9:.4g} GFLOP/token at L={args.seq}, "
           f"{args.dtype} compute, float32 params and AdamW state, scan_layers={bool(args.scan_layers)}", flush=True)
     cases = []
-    for remat in args.remat:
-        for batch in args.batches:
-            case = {"batch": batch, "remat": remat}
-            if batch % devices:
-                case["error"] = f"batch not divisible by {devices} devices"
-            else:
-                try:
-                    case.update(run_case(base.replace(remat_policy=remat), batch, args, devices))
-                except Exception as e:  # noqa: BLE001 -- only running out of memory is a result
-                    if not is_out_of_memory(e):
-                        raise
-                    case["error"] = "out of memory"
-                gc.collect()
-            if "error" not in case:
-                per_chip = case["tokens_per_s"] * flops / devices / 1e12
-                case.update(tflops_per_chip=per_chip, mfu=per_chip / peak, mfu_of_matmul=per_chip / measured)
-            print(f"  batch {batch}, remat {remat}: "
-                  + (case["error"] if "error" in case else
-                     f"{case['step_s']:.4f} s/step, {case['tokens_per_s']:,.0f} tokens/s, MFU "
-                     f"{100 * case['mfu']:.1f}% (compiled in {case['compile_s']:.0f} s)"), flush=True)
-            cases.append(case)
+    for attention, remat, batch in itertools.product(args.attention, args.remat, args.batches):
+        case = {"attention": attention, "remat": remat, "batch": batch}
+        if batch % devices:
+            case["error"] = f"batch not divisible by {devices} devices"
+        else:
+            try:
+                case.update(run_case(base.replace(attention=attention, remat_policy=remat), batch, args, devices))
+            except Exception as e:  # noqa: BLE001 -- only running out of memory is a result
+                if not is_out_of_memory(e):
+                    raise
+                case["error"] = "out of memory"
+            gc.collect()
+        if "error" not in case:
+            per_chip = case["tokens_per_s"] * flops / devices / 1e12
+            case.update(tflops_per_chip=per_chip, mfu=per_chip / peak, mfu_of_matmul=per_chip / measured)
+        print(f"  attention {attention}, remat {remat}, batch {batch}: "
+              + (case["error"] if "error" in case else
+                 f"{case['step_s']:.4f} s/step, {case['tokens_per_s']:,.0f} tokens/s, MFU "
+                 f"{100 * case['mfu']:.1f}% (compiled in {case['compile_s']:.0f} s)"), flush=True)
+        cases.append(case)
     result = {"size": args.size, "params": base.num_params, "seq": args.seq, "dtype": args.dtype,
               "scan_layers": bool(args.scan_layers), "flops_per_token": flops, "devices": devices,
               "device_kind": kind, "jax": jax.__version__, "peak_tflops": peak, "peak_source": peak_source,

@@ -100,11 +100,13 @@ def padded_batch(vocab, side):
     return ids, mask, positions
 
 
+@pytest.mark.parametrize("attention", ["own", "jax"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_batch_matches_on_real_tokens(tmp_path, side):
+def test_padded_batch_matches_on_real_tokens(tmp_path, side, attention):
     hf_model = make_hf_model(**VARIANTS["gqa"])
     hf_model.save_pretrained(tmp_path)
     cfg, params = load_hf(tmp_path)
+    cfg = cfg.replace(attention=attention)
     ids, mask, positions = padded_batch(cfg.vocab_size, side)
     ours = np.asarray(LlamaForCausalLM(cfg).apply(
         {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
@@ -202,14 +204,16 @@ def test_sharded_checkpoint_with_index_loads(tmp_path):
     np.testing.assert_allclose(ours, hf_logits(hf_model, ids), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied"])
-def test_gradients_match_transformers(tmp_path, variant):
-    """The attention core has a hand-written backward: every parameter's gradient must equal PyTorch autograd's."""
+@pytest.mark.parametrize("variant,attention", [("gqa", "own"), ("tied", "own"), ("gqa", "jax")])
+def test_gradients_match_transformers(tmp_path, variant, attention):
+    """The own attention has a hand-written backward, jax's its own: every parameter's gradient must equal PyTorch
+    autograd's."""
     import jax
 
     model = make_hf_model(**VARIANTS[variant])
     model.save_pretrained(tmp_path)
     cfg, params = load_hf(tmp_path)
+    cfg = cfg.replace(attention=attention)
     ids, mask, _ = padded_batch(cfg.vocab_size, "right")
     weights = np.random.default_rng(3).normal(size=(*ids.shape, cfg.vocab_size)).astype(np.float32)
     weights *= np.asarray(mask)[..., None]  # padded positions do not count

@@ -113,3 +113,30 @@ def test_swiglu_keeps_no_float32_intermediates_for_the_backward_pass():
         return jax.jit(jax.grad(loss)).lower(weights).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(llama.swiglu) + (blocks - 1) * tokens * intermediate * 4 <= temp_bytes(_swiglu_formula)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan_remat"])
+def test_jax_attention_equals_the_own_one(scan):
+    """`attention="jax"` (jax.nn.dot_product_attention; cuDNN's flash attention on NVIDIA GPUs) computes what the
+    own attention does, with padding and packed segments (a boolean mask) and without (the causal flag alone),
+    through scanned and rematerialised layers too; gradients included."""
+    cfg = CFG.replace(scan_layers=scan, remat_policy="full" if scan else "none")
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    mask = jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], jnp.int32)
+    segments = jnp.asarray([[0] * 6 + [1] * 3 + [2] * 3, [1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
+    params = nn.meta.unbox(llama.LlamaForCausalLM(cfg).init(jax.random.key(0), ids)["params"])
+    weights = jnp.asarray(rng.normal(size=(2, 12, CFG.vocab_size)), jnp.float32) * mask[..., None]
+
+    def value_and_grad(attention, **inputs):
+        model = llama.LlamaForCausalLM(cfg.replace(attention=attention))
+        f = lambda p: jnp.sum(model.apply({"params": p}, ids, **inputs) * weights)
+        return jax.value_and_grad(f)(params)
+
+    for inputs in ({}, {"attention_mask": mask, "segment_ids": segments}):
+        (own, own_grads), (theirs, their_grads) = value_and_grad("own", **inputs), value_and_grad("jax", **inputs)
+        np.testing.assert_allclose(theirs, own, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+                     their_grads, own_grads)
+    with pytest.raises(ValueError, match="attention='flash'"):
+        CFG.replace(attention="flash")

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 from w2s_jax.models import onednn
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "own": `dot_product_attention` below (the scores materialised, a hand-written backward; the fast one on CPU).
+# "jax": `jax.nn.dot_product_attention`, which runs cuDNN's fused (flash) attention on NVIDIA GPUs where it applies.
+ATTENTIONS = ("own", "jax")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -45,12 +48,15 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    attention: str = "own"  # "own" | "jax" (ATTENTIONS)
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTIONS}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -127,12 +133,13 @@ def apply_rope(x, cos, sin):
     return (x.astype(jnp.float32) * cos + rotate_half(x.astype(jnp.float32)) * sin).astype(x.dtype)
 
 
-def attention_bias(attention_mask, segment_ids, length):
-    """Additive bias [B, 1, L, L]: causal, no padded keys, and candidates only see the prompt and themselves.
+def attention_allowed(attention_mask, segment_ids, length):
+    """Which keys each query may see, [B or 1, 1, L, L] booleans: causal, no padded keys, and candidates only see
+    the prompt and themselves.
 
     segment_ids (optional) packs several continuations after one prompt: segment 0 is the shared prompt, a token of
     segment s > 0 sees the prompt and the earlier tokens of segment s. Rows without a segment 0 pack independent
-    sequences (`batching.collate_packed`). Fully masked rows (left padding) stay finite.
+    sequences (`batching.collate_packed`).
     """
     idx = jnp.arange(length)
     allowed = (idx[None, :] <= idx[:, None])[None]  # [1, L, L]
@@ -141,7 +148,23 @@ def attention_bias(attention_mask, segment_ids, length):
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         allowed = allowed & (same | (segment_ids[:, None, :] == 0))
-    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
+    return allowed[:, None, :, :]
+
+
+def attention_bias(attention_mask, segment_ids, length):
+    """`attention_allowed` as an additive float32 bias [B or 1, 1, L, L]; fully masked rows (left padding) stay
+    finite."""
+    return jnp.where(attention_allowed(attention_mask, segment_ids, length), 0.0, jnp.finfo(jnp.float32).min)
+
+
+def attention_mask_for(cfg: LlamaConfig, attention_mask, segment_ids, length):
+    """What the layers' attention takes: the additive bias for the own attention; for jax's, the boolean mask, or
+    None when only causality applies (so cuDNN can use its causal kernel, with no mask to read)."""
+    if cfg.attention == "own":
+        return attention_bias(attention_mask, segment_ids, length)
+    if attention_mask is None and segment_ids is None:
+        return None
+    return attention_allowed(attention_mask, segment_ids, length)
 
 
 def _is_16bit(x) -> bool:
@@ -313,7 +336,8 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, bias, cos, sin):
+    def __call__(self, x, mask, cos, sin):
+        """mask: `attention_mask_for`'s."""
         cfg = self.cfg
         b, l, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -325,10 +349,14 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
+        if cfg.attention == "jax":  # query head n reads kv head n // G, as here; q is already scaled
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, is_causal=mask is None)
+            out = nn.with_logical_constraint(out.reshape(b, l, h * d), ("batch", "length", "act_heads"))
+            return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
         # Heads-major layout: q [B, KV, G*L, D] (query heads grouped per kv head), k/v [B, KV, L, D].
         q = _row_major(q.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * l, d))
         k, v = _row_major(k.transpose(0, 2, 1, 3)), _row_major(v.transpose(0, 2, 1, 3))
-        out = dot_product_attention(q, k, v, bias)
+        out = dot_product_attention(q, k, v, mask)
         out = _row_major(out.reshape(b, kv, h // kv, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h * d))
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
         return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
@@ -381,10 +409,10 @@ class DecoderLayer(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, bias, cos, sin):
+    def __call__(self, x, mask, cos, sin):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        x = x + Attention(cfg, name="self_attn")(norm("input_layernorm")(x), bias, cos, sin)
+        x = x + Attention(cfg, name="self_attn")(norm("input_layernorm")(x), mask, cos, sin)
         x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, x
@@ -433,16 +461,16 @@ class LlamaForCausalLM(nn.Module):
             x = inputs_embeds.astype(cfg.dtype)
         l = x.shape[1]
         cos, sin = rope_cos_sin(cfg, positions, l)
-        bias = attention_bias(attention_mask, segment_ids, l)
+        mask = attention_mask_for(cfg, attention_mask, segment_ids, l)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         hidden = [x]
         if cfg.scan_layers:
-            x, per_layer = self.layers(x, bias, cos, sin)  # per_layer: [layers, B, L, hidden]
+            x, per_layer = self.layers(x, mask, cos, sin)  # per_layer: [layers, B, L, hidden]
             if keep_all:
                 hidden += [per_layer[i] for i in range(cfg.num_hidden_layers - 1)]
         else:
             for layer in self.layers:
-                x, _ = layer(x, bias, cos, sin)
+                x, _ = layer(x, mask, cos, sin)
                 hidden.append(x)
             hidden = hidden[:-1]
         x = self.norm(x)
