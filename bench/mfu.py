@@ -1,22 +1,22 @@
 """Train-step MFU of our Flax LLaMA on the chips jax sees: the pipeline's LM step against the chips' peak.
 
     python bench/mfu.py [--size=llama3.2-1b] [--batches=8,16] [--seq=2048] [--attention=own,jax] [--remat=none]
-                        [--steps=10]
-                        [--warmup=2] [--dtype=bfloat16] [--devices=0] [--peak_tflops=0] [--out=mfu.json]
+                        [--steps=10] [--warmup=2] [--dtype=bfloat16] [--devices=0] [--peak_tflops=0]
+                        [--out=mfu.json]
 
-Each case (one attention x one remat policy x one batch size) compiles `train.make_lm_step` (forward, backward, AdamW) as
-`train.jit_step` jits it, on a mesh of every device or the first `--devices` (the project's default mesh: data 1,
-fsdp -1, tensor 1), with float32 parameters and optimizer state and `--dtype` compute, on random token blocks [B, L+1]; the same step
-`bench/throughput.py` times on CPU. MFU is MaxText's measure:
+Each case (one attention x one remat policy x one batch size) compiles `train.make_lm_step` (forward, backward,
+AdamW) as `train.jit_step` jits it, on a mesh of every device or the first `--devices` (the project's default
+mesh: data 1, fsdp -1, tensor 1), with float32 parameters and optimizer state and `--dtype` compute, on random
+token blocks [B, L+1]: the step `bench/throughput.py` times on CPU. MFU is MaxText's measure:
 
     MFU = tokens/s x FLOPs per token / (devices x one chip's peak)
 
 with FLOPs per token by MaxText's rule (`throughput.flops_per_token`) and the peak from the chip's datasheet (dense
-bfloat16; `--peak_tflops` for a chip not in `DATASHEET_TFLOPS`, or the measured rate below on CPU or in float32).
+bfloat16; `--peak_tflops` for a chip not in `DATASHEET_TFLOPS`; the measured rate below on CPU or in float32).
 The best rate of a large matmul in the run's dtype on the same chip is measured too, and the MFU against it is
-printed beside. A case that runs out of device memory is
-reported as such and the next one runs. The per-device memory is XLA's analysis of the compiled step (arguments +
-outputs - aliased + temporaries, as `bench/memory.py` plans it). The script prints a table and, last, one JSON line.
+printed beside. A case that runs out of device memory is reported as such and the next one runs. The per-device
+memory is XLA's analysis of the compiled step (arguments + outputs - aliased + temporaries, as `bench/memory.py`
+plans it). The script prints a table and, last, one JSON line.
 """
 from __future__ import annotations
 

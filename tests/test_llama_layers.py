@@ -115,28 +115,28 @@ def test_swiglu_keeps_no_float32_intermediates_for_the_backward_pass():
     assert temp_bytes(llama.swiglu) + (blocks - 1) * tokens * intermediate * 4 <= temp_bytes(_swiglu_formula)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan_remat"])
-def test_jax_attention_equals_the_own_one(scan):
+@pytest.mark.parametrize("scan,masked", [(False, True), (True, False)], ids=["loop_masked", "scan_remat_causal"])
+def test_jax_attention_equals_the_own_one(scan, masked):
     """`attention="jax"` (jax.nn.dot_product_attention; cuDNN's flash attention on NVIDIA GPUs) computes what the
-    own attention does, with padding and packed segments (a boolean mask) and without (the causal flag alone),
-    through scanned and rematerialised layers too; gradients included."""
+    own attention does, with padding and packed segments (a boolean mask) and without (the causal flag alone, here
+    through scanned and rematerialised layers); gradients included."""
     cfg = CFG.replace(scan_layers=scan, remat_policy="full" if scan else "none")
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
     mask = jnp.asarray([[1] * 12, [1] * 9 + [0] * 3], jnp.int32)
     segments = jnp.asarray([[0] * 6 + [1] * 3 + [2] * 3, [1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
-    params = nn.meta.unbox(llama.LlamaForCausalLM(cfg).init(jax.random.key(0), ids)["params"])
+    inputs = {"attention_mask": mask, "segment_ids": segments} if masked else {}
+    params = nn.meta.unbox(jax.jit(llama.LlamaForCausalLM(cfg).init)(jax.random.key(0), ids)["params"])
     weights = jnp.asarray(rng.normal(size=(2, 12, CFG.vocab_size)), jnp.float32) * mask[..., None]
 
-    def value_and_grad(attention, **inputs):
+    def value_and_grad(attention):
         model = llama.LlamaForCausalLM(cfg.replace(attention=attention))
         f = lambda p: jnp.sum(model.apply({"params": p}, ids, **inputs) * weights)
-        return jax.value_and_grad(f)(params)
+        return jax.jit(jax.value_and_grad(f))(params)
 
-    for inputs in ({}, {"attention_mask": mask, "segment_ids": segments}):
-        (own, own_grads), (theirs, their_grads) = value_and_grad("own", **inputs), value_and_grad("jax", **inputs)
-        np.testing.assert_allclose(theirs, own, rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
-                     their_grads, own_grads)
+    (own, own_grads), (theirs, their_grads) = value_and_grad("own"), value_and_grad("jax")
+    np.testing.assert_allclose(theirs, own, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+                 their_grads, own_grads)
     with pytest.raises(ValueError, match="attention='flash'"):
         CFG.replace(attention="flash")
