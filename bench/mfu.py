@@ -77,6 +77,9 @@ def parse_args(argv=None):
     if not args.batches or min(args.batches) < 1:
         p.error(f"--batches={args.batches}: expected positive integers")
     from w2s_jax.models.llama import ATTENTIONS, REMAT_POLICIES
+    from w2s_jax.models.presets import PRESETS
+    if args.size not in PRESETS:
+        p.error(f"--size={args.size!r}: not a preset; expected one of {', '.join(PRESETS)}")
     for name, valid in (("attention", ATTENTIONS), ("remat", REMAT_POLICIES)):
         values = [v for v in getattr(args, name).split(",") if v]
         unknown = sorted(set(values) - set(valid))
