@@ -137,7 +137,8 @@ def run_case(cfg, batch: int, args, devices: int) -> dict:
 
 
 def format_table(cases: list[dict]) -> str:
-    header = ("attention", "remat", "batch", "step s", "tokens/s", "TFLOP/s/chip", "MFU %", "MFU % of matmul", "GiB/device")
+    header = ("attention", "remat", "batch", "step s", "tokens/s", "TFLOP/s/chip", "MFU %", "MFU % of matmul",
+              "GiB/device")
     lines = [header]
     for c in cases:
         if "error" in c:

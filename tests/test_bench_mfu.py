@@ -47,8 +47,9 @@ def test_out_of_memory_is_a_row(monkeypatch, capsys):
         mfu.main(["--size=micro-s", "--batches=2", "--seq=16", "--remat=none", "--matmul_n=64", "--devices=1"])
 
 
-@pytest.mark.parametrize("flag,message", [("--remat=some", "--remat: unknown"), ("--attention=flash", "--attention: unknown"), ("--batches=0", "--batches"),
-                                          ("--batches=a", "--batches"), ("--devices=-1", "--devices"), ("--size=llama9", "--size='llama9': not a preset")])
+@pytest.mark.parametrize("flag,message", [
+    ("--remat=some", "--remat: unknown"), ("--attention=flash", "--attention: unknown"), ("--batches=0", "--batches"),
+    ("--batches=a", "--batches"), ("--devices=-1", "--devices"), ("--size=llama9", "--size='llama9': not a preset")])
 def test_bad_flags(flag, message, capsys):
     with pytest.raises(SystemExit):
         mfu.parse_args([flag])

@@ -351,13 +351,12 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
         if cfg.attention == "jax":  # query head n reads kv head n // G, as here; q is already scaled
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, is_causal=mask is None)
-            out = nn.with_logical_constraint(out.reshape(b, l, h * d), ("batch", "length", "act_heads"))
-            return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
-        # Heads-major layout: q [B, KV, G*L, D] (query heads grouped per kv head), k/v [B, KV, L, D].
-        q = _row_major(q.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * l, d))
-        k, v = _row_major(k.transpose(0, 2, 1, 3)), _row_major(v.transpose(0, 2, 1, 3))
-        out = dot_product_attention(q, k, v, mask)
-        out = _row_major(out.reshape(b, kv, h // kv, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h * d))
+            out = out.reshape(b, l, h * d)
+        else:  # heads-major layout: q [B, KV, G*L, D] (query heads grouped per kv head), k/v [B, KV, L, D]
+            q = _row_major(q.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * l, d))
+            k, v = _row_major(k.transpose(0, 2, 1, 3)), _row_major(v.transpose(0, 2, 1, 3))
+            out = dot_product_attention(q, k, v, mask)
+            out = _row_major(out.reshape(b, kv, h // kv, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h * d))
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
         return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
 
