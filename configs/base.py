@@ -29,9 +29,10 @@ def get_base_config():
 
     # The model ladder, smallest first. Order matters for plots and for which models are "weak".
     c.models = ml_collections.ConfigDict()
-    # Every model's compute and parameter dtypes, nn.scan over layers, remat ("none", "full", "dots", "dots_no_batch").
+    # Every model's compute and parameter dtypes, nn.scan over layers, remat ("none", "full", "dots", "dots_no_batch"),
+    # attention ("own": the model's, fastest on CPU; "jax": jax.nn.dot_product_attention, cuDNN's flash on GPUs).
     c.model_defaults = ml_collections.ConfigDict(dict(
-        dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none"))
+        dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none", attention="own"))
 
     c.tokenizer = ml_collections.ConfigDict(dict(
         source="train",  # "train": byte-level BPE trained on the task corpus; "model": the checkpoint's tokenizer

@@ -66,6 +66,10 @@ CASES = {
     "bad_eval_mode_and_labels": ([SMOKE, "--config.eval.mode=bogus", "--config.experiment.labels=x"], {},
                                  "invalid config: eval.mode='bogus': expected 'rank' or 'greedy'; "
                                  "experiment.labels='x': expected 'soft' or 'hard'"),
+    "bad_model_defaults": (
+        [SMOKE, "--config.model_defaults.remat_policy=some", "--config.model_defaults.attention=flash"], {},
+        "invalid config: model_defaults.remat_policy='some': expected one of ['none', 'full', 'dots', "
+        "'dots_no_batch']; model_defaults.attention='flash': expected one of ['own', 'jax']"),
     "checkpoint_without_config_json": (
         [SMOKE, "--config.models.weak.source=hf", "--config.models.weak.checkpoint={tmp}/empty_dir",
          "--config.tokenizer.source=model"], {},

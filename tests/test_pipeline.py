@@ -2,10 +2,15 @@
 import json
 import os
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
 from configs import chess as chess_config, sciq as sciq_config
 from w2s_jax import fingerprint, pipeline
+from w2s_jax.models import convert, presets
+from w2s_jax.models.llama import LlamaForCausalLM
 
 
 def _examples(sizes):
@@ -80,6 +85,21 @@ def test_train_spec_names_what_determines_a_run(tmp_path):
     assert spec["losses.logconf.aux_coef"] == 0.5 and spec["train.epochs"] == 1.0 and spec["seed"] == 0
     assert spec["models.strong.lr"] == cfg.models.strong.lr and spec["model_weights"] == "w"
     assert "losses.product.alpha" not in spec  # another loss's settings do not determine this run
+
+
+def test_model_defaults_reach_the_models_the_runs_load(tmp_path):
+    """The attention (like the dtypes and scan) is the config's, whatever the checkpoint says, and a run's spec
+    names it."""
+    cfg = chess_config.get_config("smoke")
+    cfg.model_defaults.update(attention="jax", dtype="bfloat16")
+    exp = pipeline.Experiment(cfg, str(tmp_path))
+    lcfg = presets.get_preset("micro-s", vocab_size=50)
+    params = nn.meta.unbox(LlamaForCausalLM(lcfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"])
+    convert.save_hf(lcfg, params, exp.model_dir("weak"))
+    loaded, _ = exp.load_model("weak")
+    assert (loaded.attention, loaded.dtype, loaded.hidden_size) == ("jax", "bfloat16", lcfg.hidden_size)
+    exp.digests.update({"test": "t", "model:weak": "w"})
+    assert exp.train_spec("weak", "xent")["model_defaults.attention"] == "jax"
 
 
 @pytest.mark.parametrize("method", ["probe", "finetune_probe"])

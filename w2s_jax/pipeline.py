@@ -31,12 +31,13 @@ from w2s_jax import train as train_lib
 from w2s_jax.data import batching, tokenization
 from w2s_jax.errors import UserError
 from w2s_jax.metric_writer import MetricWriter
-from w2s_jax.models import convert, heads, presets
+from w2s_jax.models import convert, heads, llama, presets
 
 log = logging.getLogger(__name__)
 
 GT = "ground_truth"
 ASSET_CHECKPOINTS = {"smollm2": "smollm2_gguf"}  # 'asset:NAME' checkpoints -> the w2s_jax.assets function
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # model_defaults.dtype and param_dtype
 
 
 # ------------------------------------------------------------------------------------------------ config helpers
@@ -104,6 +105,11 @@ def validate_config(cfg) -> None:
                 problems.append(f"models.{name}.preset={m.preset!r}: valid presets are {list(presets.PRESETS)}")
         else:
             problems.append(f"models.{name}.source={m.source!r}: expected 'pretrain' or 'hf'")
+    md = cfg.model_defaults
+    for key, valid in (("dtype", FLOAT_DTYPES), ("param_dtype", FLOAT_DTYPES), ("remat_policy", llama.REMAT_POLICIES),
+                       ("attention", llama.ATTENTIONS)):
+        if md.get(key) not in valid:
+            problems.append(f"model_defaults.{key}={md.get(key)!r}: expected one of {list(valid)}")
     from w2s_jax.elicitation import METHODS
     for method in parse_list(exp.methods):
         if method not in METHODS:
@@ -488,7 +494,8 @@ class Experiment:
         out = self.model_dir(name)
         tok, pcfg = self.tokenizer, self.cfg.pretrain.copy_and_resolve_references()
         pcfg.steps = int(m.get("pretrain_steps", 0) or pcfg.steps)
-        spec = {**fingerprint.flatten({"pretrain": pcfg.to_dict(), "model_defaults": self.cfg.model_defaults.to_dict()}),
+        spec = {**fingerprint.flatten({"pretrain": pcfg.to_dict(),
+                                       "model_defaults": self.cfg.model_defaults.to_dict()}),
                 "preset": m.preset, "seed": self.cfg.seed, "tokenizer": self.digests["tokenizer"],
                 "corpus": fingerprint.digest(self.corpus), "task.max_len": self.cfg.task.max_len}
         spec.pop("pretrain.microbatches", None)
@@ -499,7 +506,8 @@ class Experiment:
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                   max_position_embeddings=max(pcfg.seq_len, self.cfg.task.max_len),
                                   scan_layers=self.cfg.model_defaults.scan_layers,
-                                  remat_policy=self.cfg.model_defaults.remat_policy)
+                                  remat_policy=self.cfg.model_defaults.remat_policy,
+                                  attention=self.cfg.model_defaults.attention)
         rng = jax.random.PRNGKey(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
         init = jax.jit(lambda r: nn.meta.unbox(train_lib.LlamaForCausalLM(lcfg).init(r, np.zeros((1, 8), np.int32))),
                        out_shardings={"params": train_lib.lm_param_shardings(lcfg, self.runtime)})
@@ -531,9 +539,10 @@ class Experiment:
         """(LlamaConfig, params) of a model as used: only its first `layers` decoder layers are read (an early
         exit), the others never leave the file."""
         md = self.cfg.model_defaults
-        return convert.load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
-                                       scan_layers=md.scan_layers, mesh=self.runtime.mesh, rules=self.runtime.rules,
-                                       layers=self.kept_layers(name))
+        lcfg, params = convert.load_checkpoint(self.model_dir(name), dtype=md.dtype, param_dtype=md.param_dtype,
+                                               scan_layers=md.scan_layers, mesh=self.runtime.mesh,
+                                               rules=self.runtime.rules, layers=self.kept_layers(name))
+        return lcfg.replace(attention=md.attention), params
 
     # -------------------------------------------------------------------------------------------- runs
     def train_and_predict(self, run: str, model: str, train_split: str, train_idx: list[int],
