@@ -80,12 +80,8 @@ def parse_args(argv=None):
     from w2s_jax.models.presets import PRESETS
     if args.size not in PRESETS:
         p.error(f"--size={args.size!r}: not a preset; expected one of {', '.join(PRESETS)}")
-    for name, valid in (("attention", ATTENTIONS), ("remat", REMAT_POLICIES)):
-        values = [v for v in getattr(args, name).split(",") if v]
-        unknown = sorted(set(values) - set(valid))
-        if unknown or not values:
-            p.error(f"--{name}: unknown {unknown or 'empty'}; expected some of {', '.join(valid)}")
-        setattr(args, name, values)
+    for name, allowed in (("attention", ATTENTIONS), ("remat", REMAT_POLICIES)):
+        throughput.parse_choices(p, args, name, allowed)
     return args
 
 

@@ -118,11 +118,7 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
     for name, allowed in (("dtypes", DTYPES), ("phases", PHASES), ("frameworks", ("jax", "torch"))):
-        values = [v for v in getattr(args, name).split(",") if v]
-        unknown = sorted(set(values) - set(allowed))
-        if unknown or not values:
-            p.error(f"--{name}: unknown {unknown}; expected some of {', '.join(allowed)}")
-        setattr(args, name, values)
+        throughput.parse_choices(p, args, name, allowed)
     return args
 
 

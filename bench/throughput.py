@@ -57,11 +57,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_run_args(p, args, ("seq", "batch", "steps"), args.devices)
     for name in ("dtypes", "torch_dtypes"):
-        values = [d for d in getattr(args, name).split(",") if d]
-        unknown = sorted(set(values) - set(DTYPES))
-        if unknown:
-            p.error(f"--{name}: unknown {unknown}; expected some of {', '.join(DTYPES)}")
-        setattr(args, name, values)
+        parse_choices(p, args, name, DTYPES)
     bad = [d for d in args.devices if d < 1 or args.batch % d]
     if bad:
         p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
@@ -268,6 +264,17 @@ def size_case(size: str, args):
     row = {"size": size, "params": cfg.num_params, "flops_per_token": flops_per_token(cfg, args.seq),
            "batch": args.batch, "seq": args.seq, "runs": {}}
     return row, cfg, random_blocks(cfg.vocab_size, args.batch, args.seq)
+
+
+def parse_choices(p: argparse.ArgumentParser, args, name: str, allowed) -> None:
+    """Turn `args.<name>`, comma-separated, into a list of values from `allowed`; anything else, or nothing at all,
+    is the parser's one-line error."""
+    values = [v for v in getattr(args, name).split(",") if v]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown or not values:
+        p.error(f"--{name}: {f'unknown {unknown}' if unknown else 'nothing given'}; expected some of "
+                f"{', '.join(allowed)}")
+    setattr(args, name, values)
 
 
 def check_run_args(p: argparse.ArgumentParser, args, positive, devices: str) -> None:
