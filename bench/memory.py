@@ -108,7 +108,7 @@ def plan_from_flags(cfg) -> dict:
         "devices": FLAGS.devices, "mesh": mesh, "model": FLAGS.model or default_model(cfg),
         "remat": FLAGS.remat or md.remat_policy,
         "scan_layers": bool(md.scan_layers if FLAGS.scan_layers is None else FLAGS.scan_layers),
-        "dtype": md.dtype, "param_dtype": md.param_dtype, "scoring": scoring,
+        "dtype": md.dtype, "param_dtype": md.param_dtype, "attention": md.attention, "scoring": scoring,
         "optimizer": cfg.train.optimizer, "loss": FLAGS.loss or losses[0],
         "batch": FLAGS.batch or int(cfg.train.batch_size),
         "microbatches": FLAGS.microbatches or int(cfg.train.microbatches or 1),
@@ -245,6 +245,9 @@ def measure(cfg, plan: dict) -> dict:
     plan["mesh"], fit_notes = fit_mesh(cfg, plan)
     runtime = train_lib.make_runtime(plan["mesh"], list(cfg.logical_rules) or None)
     notes = fit_notes + check_plan(plan, *batch_axes(runtime))
+    if plan["attention"] != "own":
+        notes.append(f"model_defaults.attention={plan['attention']!r} is planned as the own attention: a CPU compile "
+                     "cannot plan cuDNN's flash attention, which needs less memory (no [L, L] scores)")
     lcfg = model_config(plan)
     tx, state, batch, sharding_notes = abstract_inputs(cfg, plan, lcfg, runtime)
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def load_module():
 def make_plan(_folder):
     proc = run_tool("--model=micro-s", "--devices=8", "--mesh.data=1", "--mesh.fsdp=4", "--mesh.tensor=2",
                     "--batch=8", "--microbatches=1", "--seq=32", "--scored=16", "--candidates=8",
-                    f"--hbm_gib={HBM_GIB}")
+                    f"--hbm_gib={HBM_GIB}", "--config.model_defaults.attention=jax")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -51,6 +51,9 @@ def test_plan_reports_the_requested_setup(plan):
     assert (plan["dtype"], plan["param_dtype"]) == ("bfloat16", "float32")
     assert (plan["batch"], plan["microbatches"], plan["seq"], plan["scored"]) == (8, 1, 32, 16)
     assert plan["platform"] == "cpu"
+    # jax's attention runs cuDNN's kernel on a GPU, which a CPU compile cannot plan: the plan says so
+    assert plan["attention"] == "jax"
+    assert any("planned as the own attention" in note for note in plan["notes"])
 
 
 def test_param_bytes_are_split_over_the_mesh(plan):
