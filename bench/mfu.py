@@ -2,7 +2,7 @@
 
     python bench/mfu.py [--size=llama3.2-1b] [--batches=8,16] [--seq=2048] [--attention=own,jax] [--remat=none]
                         [--steps=10] [--warmup=2] [--dtype=bfloat16] [--devices=0] [--peak_tflops=0]
-                        [--out=mfu.json]
+                        [--budget_s=0] [--out=mfu.json]
 
 Each case (one attention x one remat policy x one batch size) compiles `train.make_lm_step` (forward, backward,
 AdamW) as `train.jit_step` jits it, on a mesh of every device or the first `--devices` (the project's default
@@ -65,9 +65,11 @@ def parse_args(argv=None):
                    help="one chip's peak TFLOP/s; 0: the datasheet's for a known chip, else the measured matmul's")
     p.add_argument("--matmul_n", type=int, default=0,
                    help="side of the square matmul that measures the chip's rate; 0: 8192 (2048 on CPU)")
-    p.add_argument("--out", default="", help="also write the JSON here")
+    p.add_argument("--budget_s", type=float, default=0.0,
+                   help="start no case after this many seconds (0: no limit); the rest are rows 'not run'")
+    p.add_argument("--out", default="", help="also write the JSON here (rewritten after every case)")
     args = p.parse_args(argv)
-    for name, least in (("seq", 1), ("steps", 1), ("warmup", 0), ("devices", 0)):
+    for name, least in (("seq", 1), ("steps", 1), ("warmup", 0), ("devices", 0), ("budget_s", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name}={getattr(args, name)}: must be at least {least}")
     try:
@@ -150,6 +152,7 @@ def format_table(cases: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
+    start = time.perf_counter()
     args = parse_args(argv)
     import jax
 
@@ -171,10 +174,16 @@ def main(argv=None) -> dict:
     print(f"{args.size}: {base.num_params / 1e6:,.1f}M params, {flops / 1e9:.4g} GFLOP/token at L={args.seq}, "
           f"{args.dtype} compute, float32 params and AdamW state, scan_layers={bool(args.scan_layers)}", flush=True)
     cases = []
+    result = {"size": args.size, "params": base.num_params, "seq": args.seq, "dtype": args.dtype,
+              "scan_layers": bool(args.scan_layers), "flops_per_token": flops, "devices": devices,
+              "device_kind": kind, "jax": jax.__version__, "peak_tflops": peak, "peak_source": peak_source,
+              "matmul_tflops": measured, "steps": args.steps, "warmup": args.warmup, "cases": cases}
     for attention, remat, batch in itertools.product(args.attention, args.remat, args.batches):
         case = {"attention": attention, "remat": remat, "batch": batch}
         if batch % devices:
             case["error"] = f"batch not divisible by {devices} devices"
+        elif args.budget_s and time.perf_counter() - start > args.budget_s:
+            case["error"] = f"not run: past --budget_s={args.budget_s:g}"
         else:
             try:
                 case.update(run_case(base.replace(attention=attention, remat_policy=remat), batch, args, devices))
@@ -191,17 +200,12 @@ def main(argv=None) -> dict:
                  f"{case['step_s']:.4f} s/step, {case['tokens_per_s']:,.0f} tokens/s, MFU "
                  f"{100 * case['mfu']:.1f}% (compiled in {case['compile_s']:.0f} s)"), flush=True)
         cases.append(case)
-    result = {"size": args.size, "params": base.num_params, "seq": args.seq, "dtype": args.dtype,
-              "scan_layers": bool(args.scan_layers), "flops_per_token": flops, "devices": devices,
-              "device_kind": kind, "jax": jax.__version__, "peak_tflops": peak, "peak_source": peak_source,
-              "matmul_tflops": measured, "steps": args.steps, "warmup": args.warmup, "cases": cases}
+        if args.out:  # after every case, so that a run stopped from outside keeps what it measured
+            with open(args.out, "w") as f:
+                f.write(json.dumps(result) + "\n")
     print()
     print(format_table(cases))
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+    print(json.dumps(result))
     return result
 
 

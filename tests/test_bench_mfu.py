@@ -1,5 +1,7 @@
 """bench/mfu.py: its MFU is MaxText's formula applied to what it measured, the attention changes the speed
 and not the math, and a case that runs out of device memory is a row of the report, not the end of the run."""
+import json
+
 import pytest
 
 from bench import mfu, throughput
@@ -30,7 +32,7 @@ def test_reports_mfu_of_the_measured_step():
     assert r["cases"][0]["loss"] == pytest.approx(r["cases"][1]["loss"], abs=1e-5)
 
 
-def test_out_of_memory_is_a_row(monkeypatch, capsys):
+def test_out_of_memory_and_the_time_budget_are_rows(monkeypatch, capsys, tmp_path):
     def run_case(cfg, batch, args, devices):
         if batch > 2:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB")
@@ -38,10 +40,16 @@ def test_out_of_memory_is_a_row(monkeypatch, capsys):
                 "memory_bytes": None, "loss": 1.0}
 
     monkeypatch.setattr(mfu, "run_case", run_case)
+    out = tmp_path / "mfu.json"
     r = mfu.main(["--size=micro-s", "--batches=2,4", "--seq=16", "--attention=own", "--remat=none",
-                  "--matmul_n=64", "--devices=1"])
+                  "--matmul_n=64", "--devices=1", f"--out={out}"])
     assert [c.get("error") for c in r["cases"]] == [None, "out of memory"]
     assert "| out of memory" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == r
+    # past the time budget, the cases left are rows too
+    r = mfu.main(["--size=micro-s", "--batches=2,4", "--seq=16", "--attention=own", "--remat=none",
+                  "--matmul_n=64", "--devices=1", "--budget_s=1e-9"])
+    assert [c.get("error") for c in r["cases"]] == ["not run: past --budget_s=1e-09"] * 2
     monkeypatch.setattr(mfu, "run_case", lambda *a: 1 / 0)  # any other error is a bug, and stops the run
     with pytest.raises(ZeroDivisionError):
         mfu.main(["--size=micro-s", "--batches=2", "--seq=16", "--remat=none", "--matmul_n=64", "--devices=1"])
@@ -49,7 +57,8 @@ def test_out_of_memory_is_a_row(monkeypatch, capsys):
 
 @pytest.mark.parametrize("flag,message", [
     ("--remat=some", "--remat: unknown"), ("--attention=flash", "--attention: unknown"), ("--batches=0", "--batches"),
-    ("--batches=a", "--batches"), ("--devices=-1", "--devices"), ("--size=llama9", "--size='llama9': not a preset")])
+    ("--batches=a", "--batches"), ("--devices=-1", "--devices"), ("--size=llama9", "--size='llama9': not a preset"),
+    ("--budget_s=-1", "--budget_s=-1.0: must be at least 0")])
 def test_bad_flags(flag, message, capsys):
     with pytest.raises(SystemExit):
         mfu.parse_args([flag])
