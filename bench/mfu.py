@@ -145,10 +145,7 @@ def format_table(cases: list[dict]) -> str:
         gib = "" if c["memory_bytes"] is None else f"{c['memory_bytes'] / 2 ** 30:.1f}"
         lines.append((c["attention"], c["remat"], str(c["batch"]), f"{c['step_s']:.4f}", f"{c['tokens_per_s']:,.0f}",
                       f"{c['tflops_per_chip']:.4g}", f"{100 * c['mfu']:.1f}", f"{100 * c['mfu_of_matmul']:.1f}", gib))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
-    out.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(out)
+    return throughput.render_table(lines)
 
 
 def main(argv=None) -> dict:
@@ -164,7 +161,7 @@ def main(argv=None) -> dict:
     measured = matmul_tflops(args.matmul_n or (2048 if on_cpu else 8192), args.dtype)
     sheet = datasheet_tflops(kind) if args.dtype == "bfloat16" else None
     peak, peak_source = ((args.peak_tflops, "--peak_tflops") if args.peak_tflops
-                         else (sheet, "datasheet") if sheet and not on_cpu else (measured, "measured matmul"))
+                         else (sheet, "datasheet") if sheet else (measured, "measured matmul"))
     base = get_preset(args.size, dtype=args.dtype, scan_layers=bool(args.scan_layers))
     if args.seq > base.max_position_embeddings:
         base = base.replace(max_position_embeddings=args.seq)

@@ -500,10 +500,7 @@ def format_table(phases: dict) -> str:
             lines.append((phase, name, f"{r['s']:.3f}", f"{r['cpu_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
                           f"{r['real_tokens_per_s']:,.0f}",
                           *(f"{sp[k]:.2f}x" if sp.get(k) else "" for k in ("same_dtype", "vs_torch_f32"))))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
-    out.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(out)
+    return throughput.render_table(lines)
 
 
 def main(argv=None) -> dict:

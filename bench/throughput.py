@@ -237,6 +237,14 @@ def machine_info(threads: int) -> dict:
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
+def render_table(lines: list[tuple]) -> str:
+    """Rows of cells (the first the header) as aligned text columns, a rule under the header."""
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 def format_table(rows: list[dict]) -> str:
     header = ("size", "params", "GFLOP/token", "model", "step s", "CPU s/step", "tokens/s", "MFU %", "vs torch/f32",
               "vs torch/bf16")
@@ -247,10 +255,7 @@ def format_table(rows: list[dict]) -> str:
             lines.append((r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}", name,
                           f"{run['step_s']:.3f}", f"{run['cpu_s']:.3f}", f"{run['tokens_per_s']:,.0f}",
                           f"{100 * run['mfu']:.1f}", *(f"{x:.2f}x" if x else "" for x in ratios)))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
-    out.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(out)
+    return render_table(lines)
 
 
 def size_case(size: str, args):
