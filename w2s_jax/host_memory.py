@@ -19,7 +19,7 @@ import sys
 
 # mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-_INT_MAX = 2 ** 31 - 1
+NO_TRIM = -1  # mallopt takes an int: INT_MAX would still trim a free block over 2 GiB; -1 never trims
 
 
 def _backend_started() -> bool:
@@ -42,4 +42,4 @@ def retain_freed_memory(mode: str = "retain") -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
     return all(mallopt(param, value) == 1 for param, value in
-               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX)))
+               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NO_TRIM)))
