@@ -457,12 +457,8 @@ def run_phase(fns: dict, warmup: int, rounds: int, tokens: int, real_tokens: int
         return call
 
     timed = throughput.median_times({n: keeping(n, f) for n, f in fns.items()}, warmup, rounds)
-    runs = {}
-    for name, (seconds, cpu) in timed.items():
-        runs[name] = {"s": seconds, "cpu_s": cpu, "tokens_per_s": tokens / seconds,
-                      "real_tokens_per_s": real_tokens / seconds, "samples_s": samples[name][warmup:],
-                      "last_output": outputs.get(name)}
-    return runs
+    return {name: {**m, "tokens_per_s": tokens / m["s"], "real_tokens_per_s": real_tokens / m["s"],
+                   "samples_s": samples[name][warmup:], "last_output": outputs.get(name)} for name, m in timed.items()}
 
 
 def speedups(runs: dict) -> dict:
@@ -491,13 +487,14 @@ def feature_agreement(runs: dict) -> dict:
 
 
 def format_table(phases: dict) -> str:
-    header = ("phase", "model", "s/batch", "CPU s", "tokens/s", "real tokens/s", "vs torch same dtype",
-              "vs torch/f32")
+    header = ("phase", "model", "s/batch", "CPU s", "kernel s", "page faults", "tokens/s", "real tokens/s",
+              "vs torch same dtype", "vs torch/f32")
     lines = [header]
     for phase, res in phases.items():
         for name, r in res["runs"].items():
             sp = res["speedup"].get(name, {})
-            lines.append((phase, name, f"{r['s']:.3f}", f"{r['cpu_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
+            lines.append((phase, name, f"{r['s']:.3f}", f"{r['cpu_s']:.3f}", f"{r['kernel_s']:.3f}",
+                          f"{r['minor_faults']:,.0f}", f"{r['tokens_per_s']:,.0f}",
                           f"{r['real_tokens_per_s']:,.0f}",
                           *(f"{sp[k]:.2f}x" if sp.get(k) else "" for k in ("same_dtype", "vs_torch_f32"))))
     return throughput.render_table(lines)

@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -87,24 +88,25 @@ def flops_per_token(cfg, seq: int) -> int:
 
 
 def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
-    """{name: (median wall s, median process-CPU s)} of the step functions (each blocks until its work is done).
+    """{name: {"s", "cpu_s", "kernel_s", "minor_faults"}}: the medians per call of the step functions (each blocks
+    until its work is done) of wall time, process CPU time, its part in the kernel and the minor page faults.
 
     After `warmup` untimed calls of each, the timed calls go round-robin (one step of each model in turn), so a
     change in the machine's load hits every model alike. CPU time (all threads) shows the work done; wall time
-    what a user waits.
+    what a user waits; kernel time and page faults what fresh host memory costs (w2s_jax/host_memory.py).
     """
     for step in steps_by_name.values():
         for _ in range(warmup):
             step()
-    wall = {name: [] for name in steps_by_name}
-    cpu = {name: [] for name in steps_by_name}
+    calls = {name: [] for name in steps_by_name}
     for _ in range(steps):
         for name, step in steps_by_name.items():
-            c0, t0 = time.process_time(), time.perf_counter()
+            r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
             step()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in steps_by_name}
+            t1, c1, r1 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
+            calls[name].append((t1 - t0, c1 - c0, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
+    keys = ("s", "cpu_s", "kernel_s", "minor_faults")
+    return {name: {k: statistics.median(column) for k, column in zip(keys, zip(*c))} for name, c in calls.items()}
 
 
 def random_blocks(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -327,11 +329,13 @@ def main(argv=None) -> dict:
             for dtype in args.torch_dtypes:
                 name = f"torch/{DTYPES[dtype]}"
                 steps[name], dtypes[name] = torch_train_step(cfg, blocks, args.threads, dtype), dtype
-        for name, (seconds, cpu) in median_times(steps, args.warmup, args.steps).items():
-            tps = tokens / seconds
-            row["runs"][name] = {"step_s": seconds, "cpu_s": cpu, "tokens_per_s": tps, "dtype": dtypes[name],
+        for name, m in median_times(steps, args.warmup, args.steps).items():
+            tps = tokens / m["s"]
+            row["runs"][name] = {"step_s": m["s"], "cpu_s": m["cpu_s"], "kernel_s": m["kernel_s"],
+                                 "minor_faults": m["minor_faults"], "tokens_per_s": tps, "dtype": dtypes[name],
                                  "mfu": tps * row["flops_per_token"] / peak[dtypes[name]]["peak"]}
-            print(f"  {row['size']} {name}: {seconds:.3f} s/step ({cpu:.3f} CPU s), {tps:,.0f} tokens/s", flush=True)
+            print(f"  {row['size']} {name}: {m['s']:.3f} s/step ({m['cpu_s']:.3f} CPU s, {m['kernel_s']:.3f} in the "
+                  f"kernel, {m['minor_faults']:,.0f} page faults), {tps:,.0f} tokens/s", flush=True)
         row["speedup_vs"] = {base: {name: r["tokens_per_s"] / row["runs"][base]["tokens_per_s"]
                                     for name, r in row["runs"].items() if not name.startswith("torch")}
                              for base in row["runs"] if base.startswith("torch")}
