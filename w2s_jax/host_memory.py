@@ -3,11 +3,14 @@
 XLA:CPU allocates each call's temporary and output buffers with malloc. glibc serves every block over its mmap
 threshold (32 MiB at most) from fresh anonymous pages and gives them back to the kernel on free, so each train step
 touches its large buffers (the [tokens, vocab] logits and their gradient, the attention scores) for the first time
-again: at bench-27m that is ~255,000 page faults and ~0.45 s of kernel time in a ~1.1 s step (docs/BENCHMARKS.md).
-With one malloc arena, no mmap for large blocks and no trimming, freed blocks stay in the heap and the next step
-reuses them. The cost: the process keeps its peak host memory until it exits, and threads that allocate a lot
-at once share one arena (PyTorch's autocast slowed down with it). Whole train steps got faster on average, but not
-in every run, so it is opt-in: `--config.host_malloc=retain`, `bench/throughput.py --malloc=retain`.
+again: at bench-27m that is ~255,000 page faults and ~0.45 s of kernel time in a ~1.1 s step; SmolLM2-135M's float32
+train step (batch 32 x 64) takes its temporaries as one 3.2 GB block, ~779,000 faults and 2-3 s of kernel time a
+step (docs/BENCHMARKS.md). With one malloc arena, no mmap for large blocks and no trimming at all (a trim threshold
+of -1: the largest positive one, INT_MAX, still gives back a free block over 2 GiB), freed blocks stay in the heap
+and the next step reuses them. The cost: the process keeps its peak host memory until it exits, and threads that
+allocate a lot at once share one arena (PyTorch's autocast slowed down with it). Whole train steps got faster on
+average, but not in every run, so it is opt-in: `--config.host_malloc=retain`, `bench/throughput.py
+--malloc=retain`.
 
 The settings only take hold if made before XLA starts its threads (each thread would otherwise keep an arena of its
 own), so entry points call `retain_freed_memory` first thing, before any device is touched.
