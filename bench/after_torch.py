@@ -6,7 +6,7 @@ train phase), timed right after a step of ours and right after a step of PyTorch
 `bench/smollm2.py` times the two frameworks round-robin, so every step of ours follows one of PyTorch's. Here each
 round calls ours, ours (timed: "after ours"), PyTorch's (timed), ours (timed: "after torch"), so the two kinds of
 our step alternate under the same load, and their difference per round is paired. Each timed call also records
-its kernel time and minor page faults (`throughput.median_times`' accounting), which is what fresh host memory
+its kernel time and minor page faults (`throughput.timed_call`), which is what fresh host memory
 costs (`w2s_jax/host_memory.py`): run it with --malloc=default and --malloc=retain.
 """
 from __future__ import annotations
@@ -15,10 +15,8 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,14 +43,6 @@ def parse_args(argv=None):
     return args
 
 
-def timed_call(fn) -> dict:
-    """One blocking call's wall seconds, kernel seconds and minor page faults."""
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    fn()
-    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    return {"s": t1 - t0, "kernel_s": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt}
-
-
 def paired_rounds(ours, theirs, pairs: int, warmup: int) -> dict:
     """{kind: [timed call per round]} for KINDS, each round calling ours, ours, theirs, ours (the last three
     timed), after `warmup` untimed calls of each; "difference_s" is after torch minus after ours, per round."""
@@ -63,7 +53,7 @@ def paired_rounds(ours, theirs, pairs: int, warmup: int) -> dict:
     for _ in range(pairs):
         ours()
         for kind, fn in zip(KINDS, (ours, theirs, ours)):
-            calls[kind].append(timed_call(fn))
+            calls[kind].append(throughput.timed_call(fn))
     calls["difference_s"] = [b["s"] - a["s"] for a, b in zip(calls["after ours"], calls["after torch"])]
     return calls
 

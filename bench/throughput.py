@@ -87,13 +87,23 @@ def flops_per_token(cfg, seq: int) -> int:
     return weights + attention + lm_head
 
 
+def timed_call(fn) -> dict:
+    """One blocking call's wall seconds ("s"), process CPU seconds ("cpu_s"), the part of those in the kernel
+    ("kernel_s") and its minor page faults: what fresh host memory costs a step (w2s_jax/host_memory.py)."""
+    r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+    fn()
+    t1, c1, r1 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
+    return {"s": t1 - t0, "cpu_s": c1 - c0, "kernel_s": r1.ru_stime - r0.ru_stime,
+            "minor_faults": r1.ru_minflt - r0.ru_minflt}
+
+
 def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
-    """{name: {"s", "cpu_s", "kernel_s", "minor_faults"}}: the medians per call of the step functions (each blocks
-    until its work is done) of wall time, process CPU time, its part in the kernel and the minor page faults.
+    """{name: {"s", "cpu_s", "kernel_s", "minor_faults"}}: the medians per call (`timed_call`) of the step
+    functions, each of which blocks until its work is done.
 
     After `warmup` untimed calls of each, the timed calls go round-robin (one step of each model in turn), so a
     change in the machine's load hits every model alike. CPU time (all threads) shows the work done; wall time
-    what a user waits; kernel time and page faults what fresh host memory costs (w2s_jax/host_memory.py).
+    what a user waits.
     """
     for step in steps_by_name.values():
         for _ in range(warmup):
@@ -101,12 +111,8 @@ def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
     calls = {name: [] for name in steps_by_name}
     for _ in range(steps):
         for name, step in steps_by_name.items():
-            r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
-            step()
-            t1, c1, r1 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
-            calls[name].append((t1 - t0, c1 - c0, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
-    keys = ("s", "cpu_s", "kernel_s", "minor_faults")
-    return {name: {k: statistics.median(column) for k, column in zip(keys, zip(*c))} for name, c in calls.items()}
+            calls[name].append(timed_call(step))
+    return {name: {k: statistics.median(call[k] for call in c) for k in c[0]} for name, c in calls.items()}
 
 
 def random_blocks(vocab: int, batch: int, seq: int, seed: int = 0):
