@@ -445,20 +445,18 @@ def torch_train_step(model, batch: dict, dtype: str):
 
 # ------------------------------------------------------------------------------------------------ measuring
 def run_phase(fns: dict, warmup: int, rounds: int, tokens: int, real_tokens: int) -> dict:
-    """{name: figures} of blocking no-argument functions timed round-robin (`throughput.median_times`); each
-    run also keeps its timed calls' wall seconds in order (`samples_s`) and its last output."""
-    outputs, samples = {}, {name: [] for name in fns}
+    """{name: figures} of blocking no-argument functions timed round-robin (`throughput.median_times`, which keeps
+    the timed calls' wall seconds in order as `samples_s`); each run also keeps its last output."""
+    outputs = {}
 
     def keeping(name, fn):
         def call():
-            t0 = time.perf_counter()
             outputs[name] = fn()
-            samples[name].append(time.perf_counter() - t0)
         return call
 
     timed = throughput.median_times({n: keeping(n, f) for n, f in fns.items()}, warmup, rounds)
     return {name: {**m, "tokens_per_s": tokens / m["s"], "real_tokens_per_s": real_tokens / m["s"],
-                   "samples_s": samples[name][warmup:], "last_output": outputs.get(name)} for name, m in timed.items()}
+                   "last_output": outputs.get(name)} for name, m in timed.items()}
 
 
 def speedups(runs: dict) -> dict:

@@ -99,7 +99,7 @@ def timed_call(fn) -> dict:
 
 def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
     """{name: {"s", "cpu_s", "kernel_s", "minor_faults"}}: the medians per call (`timed_call`) of the step
-    functions, each of which blocks until its work is done.
+    functions, each of which blocks until its work is done, and "samples_s": the timed calls' wall seconds in order.
 
     After `warmup` untimed calls of each, the timed calls go round-robin (one step of each model in turn), so a
     change in the machine's load hits every model alike. CPU time (all threads) shows the work done; wall time
@@ -112,7 +112,8 @@ def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
     for _ in range(steps):
         for name, step in steps_by_name.items():
             calls[name].append(timed_call(step))
-    return {name: {k: statistics.median(call[k] for call in c) for k in c[0]} for name, c in calls.items()}
+    return {name: {**{k: statistics.median(call[k] for call in c) for k in c[0]},
+                   "samples_s": [call["s"] for call in c]} for name, c in calls.items()}
 
 
 def random_blocks(vocab: int, batch: int, seq: int, seed: int = 0):

@@ -23,4 +23,5 @@ def test_median_times_counts_fresh_pages():
 
     m = throughput.median_times({"block": fresh_block, "sleep": lambda: time.sleep(0.05)}, warmup=1, steps=3)
     assert m["block"]["minor_faults"] >= 16_384 and m["block"]["kernel_s"] > 0
+    assert len(m["sleep"]["samples_s"]) == 3 and m["sleep"]["s"] == sorted(m["sleep"]["samples_s"])[1]
     assert m["sleep"]["minor_faults"] < 100 and m["sleep"]["cpu_s"] < 0.01 and m["sleep"]["s"] >= 0.05
