@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import throughput  # noqa: E402
+from w2s_jax import host_memory  # noqa: E402  (stdlib only: the allocator is set before jax starts)
 
 KINDS = ("after ours", "torch", "after torch")
 
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=64, help="padded length L")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores the process (both frameworks) uses")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both frameworks' dtype")
-    p.add_argument("--malloc", default="default", choices=("default", "retain"),
+    p.add_argument("--malloc", default="default", choices=host_memory.MODES,
                    help="host allocator of the whole process (w2s_jax/host_memory.py)")
     p.add_argument("--out", default="", help="write the JSON of every figure here")
     args = p.parse_args(argv)
@@ -76,12 +77,11 @@ def summary_lines(calls: dict) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from w2s_jax import host_memory  # first: the allocator settings must precede jax's and torch's threads
-    retained = host_memory.retain_freed_memory(args.malloc)
+    malloc = host_memory.set_host_malloc(args.malloc)  # first: it must precede jax's and torch's threads
     throughput.pin_threads(args.threads, 1)
     info = throughput.machine_info(args.threads)
     print(f"{info['cpu']}, {args.threads} threads, jax {info['jax']}, torch {info['torch']}; "
-          f"malloc {'retained' if retained else 'glibc default'}; {args.dtype}", flush=True)
+          f"malloc {malloc}; {args.dtype}", flush=True)
 
     from bench import smollm2
     from w2s_jax.models import convert
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     for line in summary_lines(calls):
         print(line, flush=True)
     result = {"benchmark": "bench/after_torch.py", "command": " ".join(["python"] + sys.argv), "machine": info,
-              "malloc_retained": retained, "args": vars(args), "calls": calls}
+              "malloc": malloc, "args": vars(args), "calls": calls}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

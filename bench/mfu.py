@@ -32,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import throughput  # noqa: E402
+from w2s_jax import host_memory  # noqa: E402  (stdlib only: the allocator is set before jax starts)
 
 # Dense bfloat16 TFLOP/s of one chip, from the vendors' datasheets (without sparsity), by `device_kind` substring.
 DATASHEET_TFLOPS = {
@@ -67,6 +68,8 @@ def parse_args(argv=None):
                    help="side of the square matmul that measures the chip's rate; 0: 8192 (2048 on CPU)")
     p.add_argument("--budget_s", type=float, default=0.0,
                    help="start no case after this many seconds (0: no limit); the rest are rows 'not run'")
+    p.add_argument("--malloc", default="default", choices=host_memory.MODES,
+                   help="host allocator of the process (w2s_jax/host_memory.py; matters on CPU)")
     p.add_argument("--out", default="", help="also write the JSON here (rewritten after every case)")
     args = p.parse_args(argv)
     for name, least in (("seq", 1), ("steps", 1), ("warmup", 0), ("devices", 0), ("budget_s", 0)):
@@ -122,16 +125,17 @@ def run_case(cfg, batch: int, args, devices: int) -> dict:
     with runtime.tracing():
         compiled = step_fn.jitted.lower(state, device_batch).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, device_batch)
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    return {"step_s": step_s, "samples_s": times, "tokens_per_s": batch * args.seq / step_s,
-            "compile_s": compile_s, "memory_bytes": compiled_bytes(compiled), "loss": float(metrics["loss"])}
+    carry = [state, None]  # the state, donated to each step, and its metrics
+
+    def step():
+        carry[:] = jax.block_until_ready(compiled(carry[0], device_batch))
+
+    calls = [throughput.timed_call(step) for _ in range(args.warmup + args.steps)][args.warmup:]
+    step_s = statistics.median(c["s"] for c in calls)
+    return {"step_s": step_s, "samples_s": [c["s"] for c in calls], "tokens_per_s": batch * args.seq / step_s,
+            "kernel_s": statistics.median(c["kernel_s"] for c in calls),
+            "minor_faults": statistics.median(c["minor_faults"] for c in calls),
+            "compile_s": compile_s, "memory_bytes": compiled_bytes(compiled), "loss": float(carry[1]["loss"])}
 
 
 def format_table(cases: list[dict]) -> str:
@@ -151,6 +155,7 @@ def format_table(cases: list[dict]) -> str:
 def main(argv=None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
+    malloc = host_memory.set_host_malloc(args.malloc)  # first: it must precede jax's threads
     import jax
 
     from w2s_jax.models.presets import get_preset
@@ -167,14 +172,14 @@ def main(argv=None) -> dict:
         base = base.replace(max_position_embeddings=args.seq)
     flops = throughput.flops_per_token(base, args.seq)
     print(f"{devices} x {kind} (jax {jax.__version__}, {jax.default_backend()}); peak {peak:.4g} TFLOP/s per chip "
-          f"({peak_source}); measured {args.dtype} matmul {measured:.4g} TFLOP/s")
+          f"({peak_source}); measured {args.dtype} matmul {measured:.4g} TFLOP/s; host malloc: {malloc}")
     print(f"{args.size}: {base.num_params / 1e6:,.1f}M params, {flops / 1e9:.4g} GFLOP/token at L={args.seq}, "
           f"{args.dtype} compute, float32 params and AdamW state, scan_layers={bool(args.scan_layers)}", flush=True)
     cases = []
     result = {"size": args.size, "params": base.num_params, "seq": args.seq, "dtype": args.dtype,
               "scan_layers": bool(args.scan_layers), "flops_per_token": flops, "devices": devices,
               "device_kind": kind, "jax": jax.__version__, "peak_tflops": peak, "peak_source": peak_source,
-              "matmul_tflops": measured, "steps": args.steps, "warmup": args.warmup, "cases": cases}
+              "matmul_tflops": measured, "malloc": malloc, "steps": args.steps, "warmup": args.warmup, "cases": cases}
     for attention, remat, batch in itertools.product(args.attention, args.remat, args.batches):
         case = {"attention": attention, "remat": remat, "batch": batch}
         if batch % devices:
@@ -195,7 +200,8 @@ def main(argv=None) -> dict:
         print(f"  attention {attention}, remat {remat}, batch {batch}: "
               + (case["error"] if "error" in case else
                  f"{case['step_s']:.4f} s/step, {case['tokens_per_s']:,.0f} tokens/s, MFU "
-                 f"{100 * case['mfu']:.1f}% (compiled in {case['compile_s']:.0f} s)"), flush=True)
+                 f"{100 * case['mfu']:.1f}% (compiled in {case['compile_s']:.0f} s; a step: {case['kernel_s']:.2f} "
+                 f"s in the kernel, {case['minor_faults']:,.0f} page faults)"), flush=True)
         cases.append(case)
         if args.out:  # after every case, so that a run stopped from outside keeps what it measured
             with open(args.out, "w") as f:

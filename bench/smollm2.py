@@ -71,6 +71,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench import throughput  # noqa: E402  (stdlib-only at import: jax is not started yet)
+from w2s_jax import host_memory  # noqa: E402  (the same)
 
 DTYPES = throughput.DTYPES
 PHASES = ("features", "train", "job", "matmul")
@@ -100,8 +101,8 @@ def parse_args(argv=None):
                    help="our model with nn.scan over its layers (the configs' default: 0)")
     p.add_argument("--onednn", type=int, choices=(0, 1), default=1,
                    help="ours: bfloat16 projections through oneDNN where usable (models/onednn.py), or XLA's dot (0)")
-    p.add_argument("--malloc", default="default", choices=("default", "retain"),
-                   help="host allocator of the whole process (bench/throughput.py's --malloc)")
+    p.add_argument("--malloc", default="default", choices=host_memory.MODES,
+                   help="host allocator of the whole process (w2s_jax/host_memory.py)")
     p.add_argument("--out", default="", help="write the JSON of every figure here")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --batch=4 --rounds=1 --warmup=1 unless given")
@@ -501,13 +502,12 @@ def format_table(phases: dict) -> str:
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
     args = parse_args(argv)
-    from w2s_jax import host_memory  # first: the allocator settings must precede jax's and torch's threads
-    retained = host_memory.retain_freed_memory(args.malloc)
+    malloc = host_memory.set_host_malloc(args.malloc)  # first: it must precede jax's and torch's threads
     throughput.pin_threads(args.threads, max(args.devices))
     load_before = os.getloadavg()
     info = throughput.machine_info(args.threads)
     print(f"{info['cpu']}, {args.threads} threads, jax {info['jax']}, torch {info['torch']}; "
-          f"XLA_FLAGS={info['xla_flags']!r}; malloc {'retained' if retained else 'glibc default'}", flush=True)
+          f"XLA_FLAGS={info['xla_flags']!r}; malloc {malloc}", flush=True)
 
     import copy
 
@@ -591,7 +591,7 @@ def main(argv=None) -> dict:
         res["phase_s"] = time.perf_counter() - t0
         print(f"{phase}: {res['phase_s']:.0f} s (compilation and warm-up included)", flush=True)
     result = {"benchmark": "bench/smollm2.py", "command": " ".join(["python"] + sys.argv), "machine": info,
-              "malloc_retained": retained, "onednn": onednn_state, "args": vars(args),
+              "malloc": malloc, "onednn": onednn_state, "args": vars(args),
               "model": {"path": str(path), "params": cfg.num_params, "layers": cfg.num_hidden_layers,
                         "hidden": cfg.hidden_size},
               "batch": {"rows": args.batch, "seq": args.seq, "tokens": tokens, "real_tokens": real_tokens,

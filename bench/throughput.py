@@ -32,6 +32,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from w2s_jax import host_memory  # noqa: E402  (stdlib only: the allocator is set before jax starts)
 
 DTYPES = {"float32": "f32", "bfloat16": "bf16"}
 
@@ -50,9 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--torch_dtypes", default="float32,bfloat16",
                    help="PyTorch runs: float32 (the baseline) and/or bfloat16 (autocast)")
     p.add_argument("--frameworks", default="jax,torch", help="which of jax,torch to run")
-    p.add_argument("--malloc", default="default", choices=("default", "retain"),
-                   help="host allocator of the whole process, so of both frameworks: glibc's default, or freed memory "
-                        "retained (w2s_jax.host_memory; launch/main.py's --config.host_malloc=retain)")
+    p.add_argument("--malloc", default="default", choices=host_memory.MODES,
+                   help="host allocator of the whole process, so of both frameworks: glibc's default, freed memory "
+                        "retained, or huge pages (w2s_jax/host_memory.py; launch/main.py's --config.host_malloc)")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
                    help="override the preset's scan_layers for our model (default: the preset's)")
     args = p.parse_args(argv)
@@ -307,10 +310,8 @@ def check_run_args(p: argparse.ArgumentParser, args, positive, devices: str) -> 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from w2s_jax import host_memory  # first: the allocator settings must precede jax's and torch's threads
-    retained = host_memory.retain_freed_memory(args.malloc)
-    print(f"host malloc: {'freed memory retained' if retained else 'glibc default'} (--malloc={args.malloc})")
+    malloc = host_memory.set_host_malloc(args.malloc)  # first: it must precede jax's and torch's threads
+    print(f"host malloc: {malloc} (--malloc={args.malloc})")
     pin_threads(args.threads, max(args.devices))
     frameworks = [f for f in args.frameworks.split(",") if f]
     unknown = sorted(set(frameworks) - {"jax", "torch"})
@@ -346,7 +347,7 @@ def main(argv=None) -> dict:
         row["speedup_vs"] = {base: {name: r["tokens_per_s"] / row["runs"][base]["tokens_per_s"]
                                     for name, r in row["runs"].items() if not name.startswith("torch")}
                              for base in row["runs"] if base.startswith("torch")}
-    result = {"machine": info, "malloc_retained": retained,
+    result = {"machine": info, "malloc": malloc,
               "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "devices": args.devices,
               "results": rows}

@@ -113,9 +113,11 @@ def get_base_config():
         # three required; "off": one process, and an error if the settings or the environment say otherwise.
         # -1 / "" = unset.
         mode="auto", coordinator_address="", num_processes=-1, process_id=-1))
-    # glibc malloc for host buffers (w2s_jax.host_memory): "retain" keeps freed memory in the process, so CPU train
-    # steps do not page-fault their large buffers in every step; "default" leaves glibc as it is.
-    c.host_malloc = "default"
+    # glibc malloc for host buffers (w2s_jax.host_memory), so CPU train steps do not page-fault their large buffers in
+    # 4 KiB at a time on every step: "huge_pages" restarts the process once with glibc asking for transparent huge
+    # pages (where glibc and the kernel allow; memory is still given back), "retain" keeps freed memory in the
+    # process, "default" leaves glibc as it is.
+    c.host_malloc = "huge_pages"
     # Virtual CPU devices on a CPU-only machine (the batch is sharded over them; 0: one per core). XLA:CPU runs most
     # fused element-wise work on one thread, so small models use every core only with one device per core, while a
     # model whose matmuls dominate (SmolLM2-135M) is faster on one device (docs/BENCHMARKS.md). An explicit

@@ -303,11 +303,14 @@ def main(argv):
                                                os.cpu_count() or 1)
     from w2s_jax import host_memory, parallel
     try:
-        retained = host_memory.retain_freed_memory(cfg.host_malloc)
+        in_force = host_memory.set_host_malloc(cfg.host_malloc)  # "huge_pages" restarts the process once
     except ValueError as e:
         raise UserError(f"config.{e}") from e
-    if cfg.host_malloc == "retain" and not retained:
+    if cfg.host_malloc == "retain" and in_force != host_memory.IN_FORCE["retain"]:
         logging.getLogger("w2s_jax").warning("host_malloc=retain: not applied (needs glibc, before jax starts)")
+    elif cfg.host_malloc == "huge_pages" and in_force != host_memory.IN_FORCE["huge_pages"]:
+        logging.getLogger("w2s_jax").info(f"host_malloc=huge_pages: not applied, as "
+                                          f"{host_memory.huge_pages_unavailable()}; glibc's default allocator in use")
     parallel.init_distributed(cfg.distributed)
     from w2s_jax import pipeline, report
     from w2s_jax.train import Preempted

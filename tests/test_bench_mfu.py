@@ -1,6 +1,7 @@
 """bench/mfu.py: its MFU is MaxText's formula applied to what it measured, the attention changes the speed
 and not the math, and a case that runs out of device memory is a row of the report, not the end of the run."""
 import json
+import os
 
 import pytest
 
@@ -24,6 +25,7 @@ def test_reports_mfu_of_the_measured_step():
     assert [(c["attention"], c["remat"]) for c in r["cases"]] == [("own", "full"), ("jax", "full")]
     for case in r["cases"]:
         assert case["tokens_per_s"] == pytest.approx(2 * 16 / case["step_s"])
+        assert 0 <= case["kernel_s"] <= case["step_s"] * os.cpu_count() and case["minor_faults"] >= 0
         per_chip = case["tokens_per_s"] * r["flops_per_token"] / 2 / 1e12
         assert case["mfu"] == pytest.approx(per_chip / r["peak_tflops"])
         # float32 params, gradients and AdamW's two moments are all live in the step
@@ -37,7 +39,7 @@ def test_out_of_memory_and_the_time_budget_are_rows(monkeypatch, capsys, tmp_pat
         if batch > 2:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB")
         return {"step_s": 1.0, "samples_s": [1.0], "tokens_per_s": batch * args.seq, "compile_s": 0.0,
-                "memory_bytes": None, "loss": 1.0}
+                "kernel_s": 0.0, "minor_faults": 0, "memory_bytes": None, "loss": 1.0}
 
     monkeypatch.setattr(mfu, "run_case", run_case)
     out = tmp_path / "mfu.json"

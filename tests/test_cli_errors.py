@@ -99,7 +99,7 @@ CASES = {
                        "invalid config: experiment.methods: unknown method 'magic'; valid methods are ['probe', "
                        "'finetune_probe', 'genft', 'zero_shot', 'few_shot']"),
     "bad_host_malloc": ([SMOKE, "--config.host_malloc=sometimes"], {},
-                        "config.host_malloc='sometimes': expected 'retain' or 'default'"),
+                        "config.host_malloc='sometimes': expected one of 'default', 'retain', 'huge_pages'"),
     "bad_seeds": ([SMOKE, "--config.experiment.seeds=0,zero"], {},
                   "invalid config: experiment.seeds='0,zero': expected comma-separated integers such as '0,1,2'"),
     "bad_distributed_mode": ([SMOKE, "--config.distributed.mode=bogus"], {},
