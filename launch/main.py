@@ -297,13 +297,11 @@ def main(argv):
     check_workdir(workdir)
     logging.getLogger().setLevel(logging.WARNING)  # libraries (orbax, absl) stay quiet
     logging.getLogger("w2s_jax").setLevel(logging.INFO)
-    # Before anything touches a device: the CPU devices and the host allocator (both must precede XLA's start),
-    # then multi-host.
-    os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.get("cpu_devices", 0),
-                                               os.cpu_count() or 1)
+    # Before anything touches a device: the host allocator (huge pages restart the process, so first), the CPU
+    # devices (both must precede XLA's start), then multi-host.
     from w2s_jax import host_memory, parallel
     try:
-        in_force = host_memory.set_host_malloc(cfg.host_malloc)  # "huge_pages" restarts the process once
+        in_force = host_memory.set_host_malloc(cfg.host_malloc)
     except ValueError as e:
         raise UserError(f"config.{e}") from e
     if cfg.host_malloc == "retain" and in_force != host_memory.IN_FORCE["retain"]:
@@ -311,6 +309,8 @@ def main(argv):
     elif cfg.host_malloc == "huge_pages" and in_force != host_memory.IN_FORCE["huge_pages"]:
         logging.getLogger("w2s_jax").info(f"host_malloc=huge_pages: not applied, as "
                                           f"{host_memory.huge_pages_unavailable()}; glibc's default allocator in use")
+    os.environ["XLA_FLAGS"] = cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.get("cpu_devices", 0),
+                                               os.cpu_count() or 1)
     parallel.init_distributed(cfg.distributed)
     from w2s_jax import pipeline, report
     from w2s_jax.train import Preempted
