@@ -61,6 +61,7 @@ The script prints a table and writes every number as JSON (--out, and a last lin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -103,6 +104,10 @@ def parse_args(argv=None):
                    help="ours: bfloat16 projections through oneDNN where usable (models/onednn.py), or XLA's dot (0)")
     p.add_argument("--malloc", default="default", choices=host_memory.MODES,
                    help="host allocator of the whole process (w2s_jax/host_memory.py)")
+    p.add_argument("--isolate", type=int, choices=(0, 1), default=0,
+                   help="1: each framework in a process of its own, the calls still interleaved (not the matmul "
+                        "phase)")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a worker of --isolate=1
     p.add_argument("--out", default="", help="write the JSON of every figure here")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --batch=4 --rounds=1 --warmup=1 unless given")
@@ -120,6 +125,9 @@ def parse_args(argv=None):
         p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
     for name, allowed in (("dtypes", DTYPES), ("phases", PHASES), ("frameworks", ("jax", "torch"))):
         throughput.parse_choices(p, args, name, allowed)
+    if args.isolate and "matmul" in args.phases:
+        p.error("--isolate=1 runs the features, train and job phases; the matmul phase times each kernel alone, "
+                "so run it without --isolate")
     return args
 
 
@@ -456,6 +464,11 @@ def run_phase(fns: dict, warmup: int, rounds: int, tokens: int, real_tokens: int
         return call
 
     timed = throughput.median_times({n: keeping(n, f) for n, f in fns.items()}, warmup, rounds)
+    return with_rates(timed, outputs, tokens, real_tokens)
+
+
+def with_rates(timed: dict, outputs: dict, tokens: int, real_tokens: int) -> dict:
+    """`median_times`' figures per run with tokens/s (all positions, and the prompts' own) and the last output."""
     return {name: {**m, "tokens_per_s": tokens / m["s"], "real_tokens_per_s": real_tokens / m["s"],
                    "last_output": outputs.get(name)} for name, m in timed.items()}
 
@@ -499,45 +512,13 @@ def format_table(phases: dict) -> str:
     return throughput.render_table(lines)
 
 
-def main(argv=None) -> dict:
-    t_start = time.perf_counter()
-    args = parse_args(argv)
-    malloc = host_memory.set_host_malloc(args.malloc)  # first: it must precede jax's and torch's threads
-    throughput.pin_threads(args.threads, max(args.devices))
-    load_before = os.getloadavg()
-    info = throughput.machine_info(args.threads)
-    print(f"{info['cpu']}, {args.threads} threads, jax {info['jax']}, torch {info['torch']}; "
-          f"XLA_FLAGS={info['xla_flags']!r}; malloc {malloc}", flush=True)
-
+def phase_builder(args, cfg, params, batch, job):
+    """A function from a phase to its {run name: blocking no-argument function}: ours per dtype (and device
+    count), then PyTorch's, in the frameworks of --frameworks; each call builds the phase's models anew."""
     import copy
 
-    import numpy as np
-
-    from w2s_jax import probe
-    from w2s_jax.models import convert, onednn
-
-    onednn.ENABLED = bool(args.onednn)
-    onednn_state = "off (--onednn=0)" if not args.onednn else "on" if onednn._registered() else "unavailable"
-    print(f"ours, oneDNN for bfloat16 projections on one device: {onednn_state}", flush=True)
-
-    cfg, params, path = load_smollm2(bool(args.scan_layers))
-    if args.data == "sentiment":
-        batch = sentiment_batch(convert.load_tokenizer(path), args.batch, args.seq)
-    else:
-        batch = synthetic_batch(cfg.vocab_size, args.batch, args.seq)
-    tokens, real_tokens = args.batch * args.seq, int(batch["attention_mask"].sum())
-    print(f"SmolLM2: {cfg.num_params:,} params, {cfg.num_hidden_layers} layers; batch {args.batch} x {args.seq} "
-          f"({args.data}: {real_tokens} real tokens of {tokens})", flush=True)
-    job = job_prompts(convert.load_tokenizer(path), args.job_prompts) if "job" in args.phases else []
-    job_tokens = sum(len(e["prompt"]) for e in job)
-    if job:
-        print(f"job: the features of {len(job)} sentiment test prompts ({job_tokens} tokens), layer {args.layer}",
-              flush=True)
     runtimes = {d: make_runtime(d) for d in args.devices} if "jax" in args.frameworks else {}
     torch_base = torch_model(cfg, params, args.threads) if "torch" in args.frameworks else None
-
-    print(f"setup (loading, tokenizing, building the PyTorch model): {time.perf_counter() - t_start:.0f} s",
-          flush=True)
 
     def jax_fn(phase, c, rt):
         if phase == "features":
@@ -554,7 +535,6 @@ def main(argv=None) -> dict:
         return torch_train_step(copy.deepcopy(torch_base), batch, dtype)  # each optimizer trains its own copy
 
     def phase_fns(phase):
-        """{run name: blocking no-argument function} of a phase: ours per dtype (and device count), then PyTorch."""
         fns = {}
         for dtype in args.dtypes:
             for d, rt in runtimes.items():
@@ -563,7 +543,33 @@ def main(argv=None) -> dict:
             if torch_base is not None:
                 fns[f"torch/{DTYPES[dtype]}"] = torch_fn(phase, dtype)
         return fns
+    return phase_fns
 
+
+def phase_results(phase: str, runs: dict, t0: float) -> dict:
+    """A phase's runs with the speedups, the features' agreement and the last losses; prints its duration."""
+    res = {"runs": runs, "speedup": speedups(runs)}
+    if phase in ("features", "job"):
+        res["max_rel_diff_vs_torch"] = feature_agreement(runs)
+    for r in runs.values():
+        out = r.pop("last_output")
+        if isinstance(out, float):
+            r["last_loss"] = out
+    res["phase_s"] = time.perf_counter() - t0
+    print(f"{phase}: {res['phase_s']:.0f} s (compilation and warm-up included)", flush=True)
+    return res
+
+
+def in_process_phases(args):
+    """Every phase with both frameworks in this process: ({phase: results}, facts for the JSON)."""
+    from w2s_jax import probe
+
+    t_start = time.perf_counter()
+    cfg, params, path, batch, job, facts = load_everything(args)
+    phase_fns = phase_builder(args, cfg, params, batch, job)
+    print(f"setup (loading, tokenizing, building the PyTorch model): {time.perf_counter() - t_start:.0f} s",
+          flush=True)
+    tokens, real_tokens = facts["batch"]["tokens"], facts["batch"]["real_tokens"]
     phases = {}
     for phase in args.phases:
         t0 = time.perf_counter()
@@ -574,30 +580,158 @@ def main(argv=None) -> dict:
             runs = {name: run_phase({name: fn}, args.warmup, MATMUL_CALLS, tokens, real_tokens)[name]
                     for name, fn in fns.items()}
         elif phase == "job":  # every call is the whole job; no warm-up, so the first round includes the compilation
+            job_tokens = facts["job"]["tokens"]
             runs = run_phase(phase_fns(phase), 0, args.rounds, job_tokens, job_tokens)
         else:
             runs = run_phase(phase_fns(phase), args.warmup, args.rounds, tokens, real_tokens)
-        phases[phase] = {"runs": runs, "speedup": speedups(runs)}
+        phases[phase] = phase_results(phase, runs, t0)
         if phase == "matmul":  # the decoder layers the features phase computes: hidden state --layer's index
             layers = probe._check_layer(cfg, args.layer)
             phases[phase].update(layers=layers, projections=matmul_summary(cfg, runs, tokens, layers))
-        res = phases[phase]
-        if phase in ("features", "job"):
-            res["max_rel_diff_vs_torch"] = feature_agreement(runs)
-        for r in runs.values():
-            out = r.pop("last_output")
-            if isinstance(out, float):
-                r["last_loss"] = out
-        res["phase_s"] = time.perf_counter() - t0
-        print(f"{phase}: {res['phase_s']:.0f} s (compilation and warm-up included)", flush=True)
+    return phases, facts
+
+
+# ------------------------------------------------------------------------------------------------ --isolate=1
+REPLY = "@@reply "  # a worker's answers on its stdout start with this; its other lines are echoed
+
+
+def serve(phase_fns) -> None:
+    """A worker (`--serve`): answers its parent's `Worker`, one JSON line each way, until stdin closes. Asked for
+    a phase, it builds that phase's models (dropping the last phase's) and names them; asked to call one, it calls
+    it once and answers with `throughput.timed_call`'s figures, taken in this process; asked for the outputs, it
+    gives each model's last one."""
+    fns, outputs = {}, {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if "phase" in msg:
+            fns.clear()
+            outputs.clear()
+            fns.update(phase_fns(msg["phase"]))
+            reply = list(fns)
+        elif "call" in msg:
+            name = msg["call"]
+            reply = throughput.timed_call(lambda: outputs.__setitem__(name, fns[name]()))
+        else:
+            reply = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in outputs.items()}
+        print(REPLY + json.dumps(reply), flush=True)
+
+
+class Worker:
+    """One framework's models in a process of their own (`--isolate=1`): this script with the same arguments,
+    that framework only, and `--serve`."""
+
+    def __init__(self, framework: str, given: list):
+        import subprocess
+        self.framework = framework
+        cmd = [sys.executable, os.path.abspath(__file__), *given, f"--frameworks={framework}", "--isolate=0",
+               "--serve", "--out="]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.facts = self._reply()  # once its model is loaded
+
+    def _reply(self):
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+            print(f"[{self.framework}] {line}", end="", flush=True)
+        raise RuntimeError(f"the {self.framework} worker exited (code {self.proc.wait()}) before answering; "
+                           "its output is above")
+
+    def ask(self, msg: dict):
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def isolated_phases(args, argv):
+    """Every phase with each framework in a process of its own (`--isolate=1`): ({phase: results}, facts). The
+    calls still go round-robin between the frameworks, one at a time, as in one process; but neither framework's
+    process then holds the other's memory, allocator and OpenMP threads (in one process, the pages PyTorch's step
+    frees are fresh pages again for ours: docs/BENCHMARKS.md)."""
+    import numpy as np
+
+    given = list(sys.argv[1:] if argv is None else argv)
+    workers = {}
+    try:
+        for framework in args.frameworks:
+            workers[framework] = Worker(framework, given)
+        facts = next(iter(workers.values())).facts
+        tokens, real_tokens = facts["batch"]["tokens"], facts["batch"]["real_tokens"]
+        print(f"one process per framework: {', '.join(f'{k} pid {w.proc.pid}' for k, w in workers.items())}",
+              flush=True)
+        phases = {}
+        for phase in args.phases:
+            t0 = time.perf_counter()
+            names = {w: w.ask({"phase": phase}) for w in workers.values()}
+            calls = {name: functools.partial(w.ask, {"call": name})
+                     for dtype in args.dtypes for w, ns in names.items() for name in ns
+                     if name.split("/")[1] == DTYPES[dtype]}  # ours, then PyTorch's, per dtype
+            warmup, n = (0, facts["job"]["tokens"]) if phase == "job" else (args.warmup, None)
+            timed = throughput.median_times(calls, warmup, args.rounds, timer=lambda call: call())
+            outputs = {k: np.asarray(v) if isinstance(v, list) else v
+                       for w in workers.values() for k, v in w.ask({"outputs": True}).items()}
+            runs = with_rates(timed, outputs, n or tokens, n or real_tokens)
+            phases[phase] = phase_results(phase, runs, t0)
+    finally:
+        for w in workers.values():
+            w.close()
+    return phases, facts
+
+
+def load_everything(args):
+    """The model, the batch and the job's prompts; (cfg, params, path, batch, job, facts for the JSON)."""
+    from w2s_jax.models import convert, onednn
+
+    onednn.ENABLED = bool(args.onednn)
+    onednn_state = ("n/a (ours not run)" if "jax" not in args.frameworks else "off (--onednn=0)" if not args.onednn
+                    else "on" if onednn._registered() else "unavailable")
+    print(f"ours, oneDNN for bfloat16 projections on one device: {onednn_state}", flush=True)
+
+    cfg, params, path = load_smollm2(bool(args.scan_layers))
+    if args.data == "sentiment":
+        batch = sentiment_batch(convert.load_tokenizer(path), args.batch, args.seq)
+    else:
+        batch = synthetic_batch(cfg.vocab_size, args.batch, args.seq)
+    tokens, real_tokens = args.batch * args.seq, int(batch["attention_mask"].sum())
+    print(f"SmolLM2: {cfg.num_params:,} params, {cfg.num_hidden_layers} layers; batch {args.batch} x {args.seq} "
+          f"({args.data}: {real_tokens} real tokens of {tokens})", flush=True)
+    job = job_prompts(convert.load_tokenizer(path), args.job_prompts) if "job" in args.phases else []
+    job_tokens = sum(len(e["prompt"]) for e in job)
+    if job:
+        print(f"job: the features of {len(job)} sentiment test prompts ({job_tokens} tokens), layer {args.layer}",
+              flush=True)
+    facts = {"onednn": onednn_state,
+             "model": {"path": str(path), "params": cfg.num_params, "layers": cfg.num_hidden_layers,
+                       "hidden": cfg.hidden_size},
+             "batch": {"rows": args.batch, "seq": args.seq, "tokens": tokens, "real_tokens": real_tokens,
+                       "data": args.data},
+             "job": {"prompts": len(job), "tokens": job_tokens}}
+    return cfg, params, path, batch, job, facts
+
+
+def main(argv=None) -> dict:
+    import numpy as np
+
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    malloc = host_memory.set_host_malloc(args.malloc)  # first: it must precede jax's and torch's threads
+    throughput.pin_threads(args.threads, max(args.devices))
+    load_before = os.getloadavg()
+    info = throughput.machine_info(args.threads)
+    print(f"{info['cpu']}, {args.threads} threads, jax {info['jax']}, torch {info['torch']}; "
+          f"XLA_FLAGS={info['xla_flags']!r}; malloc {malloc}", flush=True)
+    if args.serve:
+        cfg, params, _, batch, job, facts = load_everything(args)
+        print(REPLY + json.dumps(facts), flush=True)
+        return serve(phase_builder(args, cfg, params, batch, job))
+    phases, facts = isolated_phases(args, argv) if args.isolate else in_process_phases(args)
+    tokens, job_tokens = facts["batch"]["tokens"], facts["job"]["tokens"]
     result = {"benchmark": "bench/smollm2.py", "command": " ".join(["python"] + sys.argv), "machine": info,
-              "malloc": malloc, "onednn": onednn_state, "args": vars(args),
-              "model": {"path": str(path), "params": cfg.num_params, "layers": cfg.num_hidden_layers,
-                        "hidden": cfg.hidden_size},
-              "batch": {"rows": args.batch, "seq": args.seq, "tokens": tokens, "real_tokens": real_tokens,
-                        "data": args.data},
-              "job": {"prompts": len(job), "tokens": job_tokens},
-              "total_s": time.perf_counter() - t_start, "load_avg_before": load_before,
+              "malloc": malloc, "processes": "one per framework" if args.isolate else "one", "args": vars(args),
+              **facts, "total_s": time.perf_counter() - t_start, "load_avg_before": load_before,
               "load_avg_after": os.getloadavg(), "target": TARGET, "phases": phases}
     print()
     print(format_table(phases))
@@ -610,7 +744,7 @@ def main(argv=None) -> dict:
             print(f"matmul {model}: one layer's projections {p['layer_s'] * 1e3:.1f} ms; at these rates the "
                   f"features phase's {res['layers']} layers {p['forward_s']:.3f} s"
                   + (f" (its forward measured {measured['features']['s']:.3f} s)" if measured["features"] else "")
-                  + f", the train step's {cfg.num_hidden_layers} x 3 {p['train_s']:.3f} s"
+                  + f", the train step's {facts['model']['layers']} x 3 {p['train_s']:.3f} s"
                   + (f" (its step measured {measured['train']['s']:.3f} s)" if measured["train"] else ""))
         res["ceiling"] = ceilings(phases, job_tokens / tokens)
         for phase, by_run in res["ceiling"].items():

@@ -100,13 +100,13 @@ def timed_call(fn) -> dict:
             "minor_faults": r1.ru_minflt - r0.ru_minflt}
 
 
-def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
+def median_times(steps_by_name: dict, warmup: int, steps: int, timer=timed_call) -> dict:
     """{name: {"s", "cpu_s", "kernel_s", "minor_faults"}}: the medians per call (`timed_call`) of the step
     functions, each of which blocks until its work is done, and "samples_s": the timed calls' wall seconds in order.
 
     After `warmup` untimed calls of each, the timed calls go round-robin (one step of each model in turn), so a
     change in the machine's load hits every model alike. CPU time (all threads) shows the work done; wall time
-    what a user waits.
+    what a user waits. `timer(step)` gives a call's figures (a step run in another process times itself).
     """
     for step in steps_by_name.values():
         for _ in range(warmup):
@@ -114,7 +114,7 @@ def median_times(steps_by_name: dict, warmup: int, steps: int) -> dict:
     calls = {name: [] for name in steps_by_name}
     for _ in range(steps):
         for name, step in steps_by_name.items():
-            calls[name].append(timed_call(step))
+            calls[name].append(timer(step))
     return {name: {**{k: statistics.median(call[k] for call in c) for k in c[0]},
                    "samples_s": [call["s"] for call in c]} for name, c in calls.items()}
 
