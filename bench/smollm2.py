@@ -1,5 +1,5 @@
 """SmolLM2-135M on this CPU: feature extraction and the classification train step, ours against transformers'
-PyTorch, in float32 and bfloat16, side by side in one process.
+PyTorch, in float32 and bfloat16, side by side in one process (or, with --isolate=1, in one process each).
 
     python bench/smollm2.py [--batch=32] [--seq=64] [--rounds=5] [--warmup=2] [--threads=2] [--devices=2]
                             [--dtypes=float32,bfloat16] [--phases=features,train] [--out=results.json]
@@ -7,6 +7,7 @@ PyTorch, in float32 and bfloat16, side by side in one process.
     python bench/smollm2.py --phases=job --layer=20 --rounds=3 --job_prompts=1000   # the pipeline's feature job
     python bench/smollm2.py --phases=features,matmul --layer=20 --devices=1          # and its kernels alone
     python bench/smollm2.py --onednn=0 --dtypes=bfloat16 --devices=1   # ours with XLA's dot, not oneDNN's matmul
+    python bench/smollm2.py --isolate=1 --devices=1 --malloc=huge_pages   # each framework in its own process
 
 The model is the real SmolLM2-135M-Instruct GGUF file (`w2s_jax.assets.smollm2_gguf()`), dequantised once by
 `convert.load_gguf` into float32 parameters; PyTorch gets the very same weights (`torch_model`). The batch is real
@@ -56,6 +57,12 @@ Timing: after --warmup untimed calls of each model (compilation included), --rou
 phase once in turn (round-robin, so a change in the machine's load hits all alike); each figure is the median.
 tokens/s counts the B x L positions computed (padding included: both frameworks compute them); `real_tokens_per_s`
 in the JSON counts the prompts' own tokens. The ratio of interest is ours over PyTorch in the same dtype.
+With --isolate=1 each framework runs in a worker process of its own (this script with `--serve`), started
+with the same arguments, and the parent sends the calls to them in the same round-robin order, one at a time;
+each worker times its own calls. In one process the two frameworks share glibc's heap and one OpenMP runtime:
+the memory one framework's step frees and hands back to the kernel is fresh memory again for the other's next
+step, to be faulted in and zeroed (on the Xeon this added ~1.3 s to our bfloat16 train step of ~2.2 s:
+docs/BENCHMARKS.md). The pipeline never loads PyTorch. --malloc applies to each worker alike.
 The script prints a table and writes every number as JSON (--out, and a last line on stdout).
 """
 from __future__ import annotations
@@ -626,7 +633,10 @@ class Worker:
         cmd = [sys.executable, os.path.abspath(__file__), *given, f"--frameworks={framework}", "--isolate=0",
                "--serve", "--out="]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.facts = self._reply()  # once its model is loaded
+
+    def ready(self) -> dict:
+        """Waits for the worker to load the model; the facts it loaded (`load_everything`)."""
+        return self._reply()
 
     def _reply(self):
         for line in self.proc.stdout:
@@ -656,9 +666,9 @@ def isolated_phases(args, argv):
     given = list(sys.argv[1:] if argv is None else argv)
     workers = {}
     try:
-        for framework in args.frameworks:
+        for framework in args.frameworks:  # loading their models at the same time
             workers[framework] = Worker(framework, given)
-        facts = next(iter(workers.values())).facts
+        facts = [w.ready() for w in workers.values()][0]
         tokens, real_tokens = facts["batch"]["tokens"], facts["batch"]["real_tokens"]
         print(f"one process per framework: {', '.join(f'{k} pid {w.proc.pid}' for k, w in workers.items())}",
               flush=True)

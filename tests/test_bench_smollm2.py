@@ -1,5 +1,10 @@
 """bench/smollm2.py compares like with like: on a tiny GQA model with tied embeddings (SmolLM2's shape of model),
 its PyTorch feature extraction and classify train step compute what ours do, from the same weights."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -7,11 +12,13 @@ import pytest
 import torch
 
 from bench import smollm2
+from w2s_jax import assets
 from w2s_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 CFG = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=64,
                   rms_norm_eps=1e-5, rope_theta=1e5)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +106,28 @@ def test_ceiling_is_torch_time_over_projection_time():
     assert smollm2.ceilings(phases, job_batches=4.0) == {"features": {"jax/f32": {"jax": 1.5, "torch": 3.0}},
                                                          "job": {"jax/f32": {"jax": 3.0, "torch": 6.0}},
                                                          "train": {"jax/f32": {"jax": 1.25, "torch": 2.0}}}
+
+
+def test_isolate_refuses_the_matmul_phase(capsys):
+    with pytest.raises(SystemExit):
+        smollm2.parse_args(["--isolate=1", "--phases=train,matmul"])
+    assert "the matmul phase times each kernel alone" in capsys.readouterr().err
+
+
+def test_isolated_frameworks_train_alike(tmp_path):
+    # --isolate=1: each framework's model in a worker process of its own, the steps interleaved over pipes; from
+    # the same weights, two float32 steps each give the same loss in both processes
+    if not assets.is_cached(assets.SMOLLM2):
+        pytest.skip("SmolLM2 GGUF not in the asset cache (python -m w2s_jax.assets smollm2)")
+    out = tmp_path / "isolated.json"
+    done = subprocess.run([sys.executable, "bench/smollm2.py", "--quick", "--seq=32", "--isolate=1", "--devices=1",
+                           "--phases=train", "--dtypes=float32", f"--out={out}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[jax] SmolLM2" in done.stdout and "[torch] SmolLM2" in done.stdout  # each worker loaded its own
+    result = json.loads(out.read_text())
+    assert result["processes"] == "one per framework"
+    runs = result["phases"]["train"]["runs"]
+    assert set(runs) == {"jax/f32", "torch/f32"}
+    assert runs["jax/f32"]["last_loss"] == pytest.approx(runs["torch/f32"]["last_loss"], rel=1e-4)
+    assert runs["jax/f32"]["last_loss"] < np.log(2)  # the second step, after one update of the zero head
