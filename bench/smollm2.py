@@ -1,5 +1,5 @@
 """SmolLM2-135M on this CPU: feature extraction and the classification train step, ours against transformers'
-PyTorch, in float32 and bfloat16, side by side in one process (or, with --isolate=1, in one process each).
+PyTorch, in float32 and bfloat16, side by side in one process (or, with --isolate=1, one process per model).
 
     python bench/smollm2.py [--batch=32] [--seq=64] [--rounds=5] [--warmup=2] [--threads=2] [--devices=2]
                             [--dtypes=float32,bfloat16] [--phases=features,train] [--out=results.json]
@@ -7,7 +7,7 @@ PyTorch, in float32 and bfloat16, side by side in one process (or, with --isolat
     python bench/smollm2.py --phases=job --layer=20 --rounds=3 --job_prompts=1000   # the pipeline's feature job
     python bench/smollm2.py --phases=features,matmul --layer=20 --devices=1          # and its kernels alone
     python bench/smollm2.py --onednn=0 --dtypes=bfloat16 --devices=1   # ours with XLA's dot, not oneDNN's matmul
-    python bench/smollm2.py --isolate=1 --devices=1 --malloc=huge_pages   # each framework in its own process
+    python bench/smollm2.py --isolate=1 --devices=1 --malloc=huge_pages   # each model in a process of its own
 
 The model is the real SmolLM2-135M-Instruct GGUF file (`w2s_jax.assets.smollm2_gguf()`), dequantised once by
 `convert.load_gguf` into float32 parameters; PyTorch gets the very same weights (`torch_model`). The batch is real
@@ -57,12 +57,13 @@ Timing: after --warmup untimed calls of each model (compilation included), --rou
 phase once in turn (round-robin, so a change in the machine's load hits all alike); each figure is the median.
 tokens/s counts the B x L positions computed (padding included: both frameworks compute them); `real_tokens_per_s`
 in the JSON counts the prompts' own tokens. The ratio of interest is ours over PyTorch in the same dtype.
-With --isolate=1 each framework runs in a worker process of its own (this script with `--serve`), started
-with the same arguments, and the parent sends the calls to them in the same round-robin order, one at a time;
-each worker times its own calls. In one process the two frameworks share glibc's heap and one OpenMP runtime:
-the memory one framework's step frees and hands back to the kernel is fresh memory again for the other's next
-step, to be faulted in and zeroed (on the Xeon this added ~1.3 s to our bfloat16 train step of ~2.2 s:
-docs/BENCHMARKS.md). The pipeline never loads PyTorch. --malloc applies to each worker alike.
+With --isolate=1 each framework's models of each dtype run in a worker process of their own (this script with
+`--serve`, the same arguments, one framework and one dtype), and the parent sends the calls to them in the same
+round-robin order, one at a time; each worker times its own calls. In one process the models share glibc's heap
+(and the frameworks one OpenMP runtime): the memory one model's step frees and hands back to the kernel is fresh
+memory again for the next model's step, to be faulted in and zeroed, which on a virtual machine can cost more than
+the step's compute (on the Xeon it added ~1.5 s to our bfloat16 train step of ~2.2 s: docs/BENCHMARKS.md). A
+pipeline run trains one model at a time and never loads PyTorch. --malloc applies to every worker alike.
 The script prints a table and writes every number as JSON (--out, and a last line on stdout).
 """
 from __future__ import annotations
@@ -112,8 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--malloc", default="default", choices=host_memory.MODES,
                    help="host allocator of the whole process (w2s_jax/host_memory.py)")
     p.add_argument("--isolate", type=int, choices=(0, 1), default=0,
-                   help="1: each framework in a process of its own, the calls still interleaved (not the matmul "
-                        "phase)")
+                   help="1: each framework and dtype in a process of its own, the calls still interleaved (not the "
+                        "matmul phase)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a worker of --isolate=1
     p.add_argument("--out", default="", help="write the JSON of every figure here")
     p.add_argument("--quick", action="store_true",
@@ -624,14 +625,14 @@ def serve(phase_fns) -> None:
 
 
 class Worker:
-    """One framework's models in a process of their own (`--isolate=1`): this script with the same arguments,
-    that framework only, and `--serve`."""
+    """One framework's models of one dtype in a process of their own (`--isolate=1`): this script with the same
+    arguments, that framework and dtype only, and `--serve`."""
 
-    def __init__(self, framework: str, given: list):
+    def __init__(self, framework: str, dtype: str, given: list):
         import subprocess
-        self.framework = framework
-        cmd = [sys.executable, os.path.abspath(__file__), *given, f"--frameworks={framework}", "--isolate=0",
-               "--serve", "--out="]
+        self.name = f"{framework}/{DTYPES[dtype]}"
+        cmd = [sys.executable, os.path.abspath(__file__), *given, f"--frameworks={framework}", f"--dtypes={dtype}",
+               "--isolate=0", "--serve", "--out="]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def ready(self) -> dict:
@@ -642,8 +643,8 @@ class Worker:
         for line in self.proc.stdout:
             if line.startswith(REPLY):
                 return json.loads(line[len(REPLY):])
-            print(f"[{self.framework}] {line}", end="", flush=True)
-        raise RuntimeError(f"the {self.framework} worker exited (code {self.proc.wait()}) before answering; "
+            print(f"[{self.name}] {line}", end="", flush=True)
+        raise RuntimeError(f"the {self.name} worker exited (code {self.proc.wait()}) before answering; "
                            "its output is above")
 
     def ask(self, msg: dict):
@@ -657,28 +658,28 @@ class Worker:
 
 
 def isolated_phases(args, argv):
-    """Every phase with each framework in a process of its own (`--isolate=1`): ({phase: results}, facts). The
-    calls still go round-robin between the frameworks, one at a time, as in one process; but neither framework's
-    process then holds the other's memory, allocator and OpenMP threads (in one process, the pages PyTorch's step
-    frees are fresh pages again for ours: docs/BENCHMARKS.md)."""
+    """Every phase with each framework and dtype in a process of its own (`--isolate=1`): ({phase: results},
+    facts). The calls still go round-robin, one at a time, as in one process; but no model's process then holds
+    another's memory, allocator and OpenMP threads (in one process, the pages one model's step frees are fresh
+    pages again for the next one's: docs/BENCHMARKS.md)."""
     import numpy as np
 
     given = list(sys.argv[1:] if argv is None else argv)
     workers = {}
     try:
-        for framework in args.frameworks:  # loading their models at the same time
-            workers[framework] = Worker(framework, given)
+        for dtype in args.dtypes:  # loading their models at the same time
+            for framework in args.frameworks:
+                worker = Worker(framework, dtype, given)
+                workers[worker.name] = worker
         facts = [w.ready() for w in workers.values()][0]
         tokens, real_tokens = facts["batch"]["tokens"], facts["batch"]["real_tokens"]
-        print(f"one process per framework: {', '.join(f'{k} pid {w.proc.pid}' for k, w in workers.items())}",
+        print(f"one process per model: {', '.join(f'{k} pid {w.proc.pid}' for k, w in workers.items())}",
               flush=True)
         phases = {}
         for phase in args.phases:
             t0 = time.perf_counter()
             names = {w: w.ask({"phase": phase}) for w in workers.values()}
-            calls = {name: functools.partial(w.ask, {"call": name})
-                     for dtype in args.dtypes for w, ns in names.items() for name in ns
-                     if name.split("/")[1] == DTYPES[dtype]}  # ours, then PyTorch's, per dtype
+            calls = {name: functools.partial(w.ask, {"call": name}) for w, ns in names.items() for name in ns}
             warmup, n = (0, facts["job"]["tokens"]) if phase == "job" else (args.warmup, None)
             timed = throughput.median_times(calls, warmup, args.rounds, timer=lambda call: call())
             outputs = {k: np.asarray(v) if isinstance(v, list) else v
@@ -740,7 +741,7 @@ def main(argv=None) -> dict:
     phases, facts = isolated_phases(args, argv) if args.isolate else in_process_phases(args)
     tokens, job_tokens = facts["batch"]["tokens"], facts["job"]["tokens"]
     result = {"benchmark": "bench/smollm2.py", "command": " ".join(["python"] + sys.argv), "machine": info,
-              "malloc": malloc, "processes": "one per framework" if args.isolate else "one", "args": vars(args),
+              "malloc": malloc, "processes": "one per model" if args.isolate else "one", "args": vars(args),
               **facts, "total_s": time.perf_counter() - t_start, "load_avg_before": load_before,
               "load_avg_after": os.getloadavg(), "target": TARGET, "phases": phases}
     print()

@@ -116,7 +116,7 @@ def test_isolate_refuses_the_matmul_phase(capsys):
 
 def test_isolated_frameworks_train_alike(tmp_path):
     # --isolate=1: each framework's model in a worker process of its own, the steps interleaved over pipes; from
-    # the same weights, two float32 steps each give the same loss in both processes
+    # the same weights, two float32 steps give the same loss in both processes
     if not assets.is_cached(assets.SMOLLM2):
         pytest.skip("SmolLM2 GGUF not in the asset cache (python -m w2s_jax.assets smollm2)")
     out = tmp_path / "isolated.json"
@@ -124,9 +124,9 @@ def test_isolated_frameworks_train_alike(tmp_path):
                            "--phases=train", "--dtypes=float32", f"--out={out}"], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "[jax] SmolLM2" in done.stdout and "[torch] SmolLM2" in done.stdout  # each worker loaded its own
+    assert "[jax/f32] SmolLM2" in done.stdout and "[torch/f32] SmolLM2" in done.stdout  # each loaded its own
     result = json.loads(out.read_text())
-    assert result["processes"] == "one per framework"
+    assert result["processes"] == "one per model"
     runs = result["phases"]["train"]["runs"]
     assert set(runs) == {"jax/f32", "torch/f32"}
     assert runs["jax/f32"]["last_loss"] == pytest.approx(runs["torch/f32"]["last_loss"], rel=1e-4)
