@@ -624,6 +624,10 @@ def serve(phase_fns) -> None:
         print(REPLY + json.dumps(reply), flush=True)
 
 
+class WorkerExited(RuntimeError):
+    pass
+
+
 class Worker:
     """One framework's models of one dtype in a process of their own (`--isolate=1`): this script with the same
     arguments, that framework and dtype only, and `--serve`."""
@@ -644,16 +648,23 @@ class Worker:
             if line.startswith(REPLY):
                 return json.loads(line[len(REPLY):])
             print(f"[{self.name}] {line}", end="", flush=True)
-        raise RuntimeError(f"the {self.name} worker exited (code {self.proc.wait()}) before answering; "
-                           "its output is above")
+        code = self.proc.wait()
+        raise WorkerExited(f"the {self.name} worker exited with code {code} before answering"
+                           + (" (killed: out of memory?)" if code == -9 else "; its output is above"))
 
     def ask(self, msg: dict):
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it has exited: _reply says how
+            pass
         return self._reply()
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
         self.proc.wait()
 
 
@@ -738,7 +749,10 @@ def main(argv=None) -> dict:
         cfg, params, _, batch, job, facts = load_everything(args)
         print(REPLY + json.dumps(facts), flush=True)
         return serve(phase_builder(args, cfg, params, batch, job))
-    phases, facts = isolated_phases(args, argv) if args.isolate else in_process_phases(args)
+    try:
+        phases, facts = isolated_phases(args, argv) if args.isolate else in_process_phases(args)
+    except WorkerExited as e:
+        sys.exit(f"bench/smollm2.py --isolate=1: {e}")
     tokens, job_tokens = facts["batch"]["tokens"], facts["job"]["tokens"]
     result = {"benchmark": "bench/smollm2.py", "command": " ".join(["python"] + sys.argv), "machine": info,
               "malloc": malloc, "processes": "one per model" if args.isolate else "one", "args": vars(args),
