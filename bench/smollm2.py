@@ -63,7 +63,8 @@ round-robin order, one at a time; each worker times its own calls. In one proces
 (and the frameworks one OpenMP runtime): the memory one model's step frees and hands back to the kernel is fresh
 memory again for the next model's step, to be faulted in and zeroed, which on a virtual machine can cost more than
 the step's compute (on the Xeon it added ~1.5 s to our bfloat16 train step of ~2.2 s: docs/BENCHMARKS.md). A
-pipeline run trains one model at a time and never loads PyTorch. --malloc applies to every worker alike.
+pipeline run trains one model at a time and never loads PyTorch. --malloc applies to every worker, and
+--torch_malloc, if given, to PyTorch's instead (each framework with the host allocator it does best with).
 The script prints a table and writes every number as JSON (--out, and a last line on stdout).
 """
 from __future__ import annotations
@@ -112,6 +113,8 @@ def parse_args(argv=None):
                    help="ours: bfloat16 projections through oneDNN where usable (models/onednn.py), or XLA's dot (0)")
     p.add_argument("--malloc", default="default", choices=host_memory.MODES,
                    help="host allocator of the whole process (w2s_jax/host_memory.py)")
+    p.add_argument("--torch_malloc", default="", choices=("",) + host_memory.MODES,
+                   help="with --isolate=1: PyTorch's workers' host allocator (default: --malloc)")
     p.add_argument("--isolate", type=int, choices=(0, 1), default=0,
                    help="1: each framework and dtype in a process of its own, the calls still interleaved (not the "
                         "matmul phase)")
@@ -133,6 +136,9 @@ def parse_args(argv=None):
         p.error(f"--devices: {bad} do not divide --batch={args.batch} into equal per-device batches")
     for name, allowed in (("dtypes", DTYPES), ("phases", PHASES), ("frameworks", ("jax", "torch"))):
         throughput.parse_choices(p, args, name, allowed)
+    if args.torch_malloc and args.torch_malloc != args.malloc and not args.isolate:
+        p.error(f"--torch_malloc={args.torch_malloc} needs --isolate=1: in one process both frameworks share one "
+                "allocator")
     if args.isolate and "matmul" in args.phases:
         p.error("--isolate=1 runs the features, train and job phases; the matmul phase times each kernel alone, "
                 "so run it without --isolate")
@@ -632,11 +638,11 @@ class Worker:
     """One framework's models of one dtype in a process of their own (`--isolate=1`): this script with the same
     arguments, that framework and dtype only, and `--serve`."""
 
-    def __init__(self, framework: str, dtype: str, given: list):
+    def __init__(self, framework: str, dtype: str, malloc: str, given: list):
         import subprocess
         self.name = f"{framework}/{DTYPES[dtype]}"
         cmd = [sys.executable, os.path.abspath(__file__), *given, f"--frameworks={framework}", f"--dtypes={dtype}",
-               "--isolate=0", "--serve", "--out="]
+               "--isolate=0", "--serve", "--out=", f"--malloc={malloc}", "--torch_malloc="]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def ready(self) -> dict:
@@ -680,9 +686,11 @@ def isolated_phases(args, argv):
     try:
         for dtype in args.dtypes:  # loading their models at the same time
             for framework in args.frameworks:
-                worker = Worker(framework, dtype, given)
+                malloc = args.torch_malloc or args.malloc if framework == "torch" else args.malloc
+                worker = Worker(framework, dtype, malloc, given)
                 workers[worker.name] = worker
-        facts = [w.ready() for w in workers.values()][0]
+        ready = {name: w.ready() for name, w in workers.items()}
+        facts = {**next(iter(ready.values())), "malloc": {name: f["malloc"] for name, f in ready.items()}}
         tokens, real_tokens = facts["batch"]["tokens"], facts["batch"]["real_tokens"]
         print(f"one process per model: {', '.join(f'{k} pid {w.proc.pid}' for k, w in workers.items())}",
               flush=True)
@@ -747,7 +755,7 @@ def main(argv=None) -> dict:
           f"XLA_FLAGS={info['xla_flags']!r}; malloc {malloc}", flush=True)
     if args.serve:
         cfg, params, _, batch, job, facts = load_everything(args)
-        print(REPLY + json.dumps(facts), flush=True)
+        print(REPLY + json.dumps({**facts, "malloc": malloc}), flush=True)
         return serve(phase_builder(args, cfg, params, batch, job))
     try:
         phases, facts = isolated_phases(args, argv) if args.isolate else in_process_phases(args)
@@ -756,7 +764,8 @@ def main(argv=None) -> dict:
     tokens, job_tokens = facts["batch"]["tokens"], facts["job"]["tokens"]
     result = {"benchmark": "bench/smollm2.py", "command": " ".join(["python"] + sys.argv), "machine": info,
               "malloc": malloc, "processes": "one per model" if args.isolate else "one", "args": vars(args),
-              **facts, "total_s": time.perf_counter() - t_start, "load_avg_before": load_before,
+              **facts,  # with --isolate=1, "malloc" is each worker's
+              "total_s": time.perf_counter() - t_start, "load_avg_before": load_before,
               "load_avg_after": os.getloadavg(), "target": TARGET, "phases": phases}
     print()
     print(format_table(phases))

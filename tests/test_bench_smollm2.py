@@ -121,13 +121,20 @@ def test_isolated_frameworks_train_alike(tmp_path):
         pytest.skip("SmolLM2 GGUF not in the asset cache (python -m w2s_jax.assets smollm2)")
     out = tmp_path / "isolated.json"
     done = subprocess.run([sys.executable, "bench/smollm2.py", "--quick", "--seq=32", "--isolate=1", "--devices=1",
-                           "--phases=train", "--dtypes=float32", f"--out={out}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                           "--phases=train", "--dtypes=float32", "--torch_malloc=retain", f"--out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[jax/f32] SmolLM2" in done.stdout and "[torch/f32] SmolLM2" in done.stdout  # each loaded its own
     result = json.loads(out.read_text())
     assert result["processes"] == "one per model"
+    assert result["malloc"] == {"jax/f32": "glibc default", "torch/f32": "freed memory retained"}
     runs = result["phases"]["train"]["runs"]
     assert set(runs) == {"jax/f32", "torch/f32"}
     assert runs["jax/f32"]["last_loss"] == pytest.approx(runs["torch/f32"]["last_loss"], rel=1e-4)
     assert runs["jax/f32"]["last_loss"] < np.log(2)  # the second step, after one update of the zero head
+
+
+def test_torch_malloc_needs_isolate(capsys):
+    with pytest.raises(SystemExit):
+        smollm2.parse_args(["--malloc=retain", "--torch_malloc=default"])
+    assert "--torch_malloc=default needs --isolate=1" in capsys.readouterr().err
