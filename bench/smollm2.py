@@ -560,6 +560,14 @@ def phase_builder(args, cfg, params, batch, job):
     return phase_fns
 
 
+def schedule(phase: str, args, facts: dict) -> tuple[int, int, int]:
+    """(untimed warm-up calls, tokens, real tokens) of a call of a phase: a job call is the whole job, with no
+    warm-up (its first round includes the compilation, as a pipeline run pays it) and prompt tokens only."""
+    if phase == "job":
+        return 0, facts["job"]["tokens"], facts["job"]["tokens"]
+    return args.warmup, facts["batch"]["tokens"], facts["batch"]["real_tokens"]
+
+
 def phase_results(phase: str, runs: dict, t0: float) -> dict:
     """A phase's runs with the speedups, the features' agreement and the last losses; prints its duration."""
     res = {"runs": runs, "speedup": speedups(runs)}
@@ -583,21 +591,18 @@ def in_process_phases(args):
     phase_fns = phase_builder(args, cfg, params, batch, job)
     print(f"setup (loading, tokenizing, building the PyTorch model): {time.perf_counter() - t_start:.0f} s",
           flush=True)
-    tokens, real_tokens = facts["batch"]["tokens"], facts["batch"]["real_tokens"]
     phases = {}
     for phase in args.phases:
         t0 = time.perf_counter()
+        warmup, tokens, real_tokens = schedule(phase, args, facts)
         if phase == "matmul":
             # each kernel called MATMUL_CALLS times in a row: what the kernel can do, not how it shares the
             # process with the other models' calls (interleaved, a few-millisecond call varies 2-3x)
             fns = {k: v for d in args.dtypes for k, v in matmul_fns(cfg, tokens, d, args.frameworks).items()}
-            runs = {name: run_phase({name: fn}, args.warmup, MATMUL_CALLS, tokens, real_tokens)[name]
+            runs = {name: run_phase({name: fn}, warmup, MATMUL_CALLS, tokens, real_tokens)[name]
                     for name, fn in fns.items()}
-        elif phase == "job":  # every call is the whole job; no warm-up, so the first round includes the compilation
-            job_tokens = facts["job"]["tokens"]
-            runs = run_phase(phase_fns(phase), 0, args.rounds, job_tokens, job_tokens)
         else:
-            runs = run_phase(phase_fns(phase), args.warmup, args.rounds, tokens, real_tokens)
+            runs = run_phase(phase_fns(phase), warmup, args.rounds, tokens, real_tokens)
         phases[phase] = phase_results(phase, runs, t0)
         if phase == "matmul":  # the decoder layers the features phase computes: hidden state --layer's index
             layers = probe._check_layer(cfg, args.layer)
@@ -691,7 +696,6 @@ def isolated_phases(args, argv):
                 workers[worker.name] = worker
         ready = {name: w.ready() for name, w in workers.items()}
         facts = {**next(iter(ready.values())), "malloc": {name: f["malloc"] for name, f in ready.items()}}
-        tokens, real_tokens = facts["batch"]["tokens"], facts["batch"]["real_tokens"]
         print(f"one process per model: {', '.join(f'{k} pid {w.proc.pid}' for k, w in workers.items())}",
               flush=True)
         phases = {}
@@ -699,11 +703,11 @@ def isolated_phases(args, argv):
             t0 = time.perf_counter()
             names = {w: w.ask({"phase": phase}) for w in workers.values()}
             calls = {name: functools.partial(w.ask, {"call": name}) for w, ns in names.items() for name in ns}
-            warmup, n = (0, facts["job"]["tokens"]) if phase == "job" else (args.warmup, None)
+            warmup, tokens, real_tokens = schedule(phase, args, facts)
             timed = throughput.median_times(calls, warmup, args.rounds, timer=lambda call: call())
             outputs = {k: np.asarray(v) if isinstance(v, list) else v
                        for w in workers.values() for k, v in w.ask({"outputs": True}).items()}
-            runs = with_rates(timed, outputs, n or tokens, n or real_tokens)
+            runs = with_rates(timed, outputs, tokens, real_tokens)
             phases[phase] = phase_results(phase, runs, t0)
     finally:
         for w in workers.values():

@@ -16,9 +16,10 @@ default "default"):
   XLA starts its threads (each would otherwise keep an arena of its own), so entry points apply them first thing.
 * "huge_pages": glibc's tunable `glibc.malloc.hugetlb=1` has malloc ask the kernel for transparent huge pages
   (madvise) for what it maps, so a fresh block faults in 2 MiB at a time instead of 4 KiB (SmolLM2's step: 778,659
-  faults -> ~2,200; docs/BENCHMARKS.md), and memory is still given back on free. glibc reads its tunables once, at start, so the process restarts itself (the same
-  interpreter and arguments) with the tunable in GLIBC_TUNABLES. It needs glibc >= 2.35 and the kernel's THP mode
-  "madvise" (with "always" the kernel decides alone; with "never" there are none).
+  faults -> ~2,200; docs/BENCHMARKS.md), and memory is still given back on free. glibc reads its tunables once, at
+  start, so the process restarts itself (the same interpreter and arguments) with the tunable in GLIBC_TUNABLES. It
+  needs glibc >= 2.35 and the kernel's THP mode "madvise" (with "always" the kernel decides alone; with "never"
+  there are none).
 """
 from __future__ import annotations
 
