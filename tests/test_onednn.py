@@ -18,15 +18,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("shape", [(37, 53, 29), (64, 1536, 192)])
-def test_matmul_is_xla_dot(shape, trans_a, trans_b):
+@pytest.mark.parametrize("batch, shape", [((), (37, 53, 29)), ((), (64, 1536, 192)), ((2, 3), (19, 64, 33))])
+def test_matmul_is_xla_dot(batch, shape, trans_a, trans_b):
     m, k, n = shape
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((k, m) if trans_a else (m, k)), jnp.bfloat16)
-    b = jnp.asarray(rng.standard_normal((n, k) if trans_b else (k, n)), jnp.bfloat16)
-    exact = jnp.dot(a.T if trans_a else a, b.T if trans_b else b, preferred_element_type=jnp.float32)
+    a = jnp.asarray(rng.standard_normal(batch + ((k, m) if trans_a else (m, k))), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(batch + ((n, k) if trans_b else (k, n))), jnp.bfloat16)
+    op = lambda x, flag: jnp.swapaxes(x, -1, -2) if flag else x
+    exact = jnp.matmul(op(a, trans_a), op(b, trans_b), preferred_element_type=jnp.float32)
     y32 = jax.jit(lambda a, b: onednn.matmul(a, b, jnp.float32, trans_a, trans_b))(a, b)
-    assert y32.dtype == jnp.float32 and y32.shape == (m, n)
+    assert y32.dtype == jnp.float32 and y32.shape == batch + (m, n)
     order = 1e-6 * float(jnp.abs(exact).max())  # what float32 summation in another order can change
     np.testing.assert_allclose(y32, exact, rtol=0, atol=order)
     y16 = jax.jit(lambda a, b: onednn.matmul(a, b, jnp.bfloat16, trans_a, trans_b))(a, b)
@@ -36,6 +37,12 @@ def test_matmul_is_xla_dot(shape, trans_a, trans_b):
     # Half a bfloat16 ulp of the sum, and the summation order's error where a sum nearly cancels (the rounding
     # then scales that error up relative to the small result).
     np.testing.assert_allclose(np.asarray(y16, np.float32), exact, rtol=2 ** -8, atol=order)
+
+
+def test_mismatched_batch_axes_are_an_error():
+    a, b = jnp.ones((2, 4, 8), jnp.bfloat16), jnp.ones((3, 8, 4), jnp.bfloat16)
+    with pytest.raises(Exception, match="the batch axes differ"):
+        jax.jit(lambda a, b: onednn.matmul(a, b, jnp.float32))(a, b).block_until_ready()
 
 
 def test_not_taken_on_several_devices_or_in_float32():
@@ -77,8 +84,9 @@ def _one_device(**env):
 def test_the_model_takes_it_on_one_device_forward_and_backward():
     out, _ = _one_device()
     on, off = out["True"], out["False"]
-    # 7 projections a layer x 2 layers and the LM head: 15 in the forward, 30 in the backward (dx and d_kernel)
-    assert (on["calls"], off["calls"]) == (15 * 3, 0)
+    # 7 projections a layer x 2 layers and the LM head: 15 in the forward, 30 in the backward (dx and d_kernel);
+    # the attention's 2 batched matmuls a layer forward, 4 backward: 12
+    assert (on["calls"], off["calls"]) == (15 * 3 + 2 * 6, 0)
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-2)
     for g_on, g_off in zip(on["grads"], off["grads"]):
         g_on, g_off = np.array(g_on), np.array(g_off)

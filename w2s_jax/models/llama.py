@@ -287,34 +287,42 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _einsum(spec, a, b, dtype=None):
-    """einsum accumulated in float32 (bfloat16 x bfloat16 -> float32 is XLA:CPU's fast form), cast to `dtype`
-    (default: the operands' dtype)."""
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype or a.dtype)
+def _batched_matmul(a, b, out_dtype, trans_a: bool = False, trans_b: bool = False):
+    """op(a) @ op(b) over the last two axes, one matmul per index of the leading (batch) axes, accumulated in float32
+    and returned as `out_dtype`; op transposes an operand when its flag is set (a stored [..., k, m], b stored
+    [..., n, k]). oneDNN, where it is usable, reads a transposed operand in place; XLA computes op(a) @ b as
+    (b^T a)^T with b^T and the result materialised (`_transposed`), so only small operands get transposed."""
+    if onednn.usable(a, out_dtype):
+        return onednn.matmul(a, b, out_dtype, trans_a, trans_b)
+    if trans_a:
+        return _transposed(_batched_matmul(b if trans_b else _transposed(b), a, out_dtype))
+    batch = tuple(range(a.ndim - 2))
+    dims = (((a.ndim - 1,), (b.ndim - 1 if trans_b else b.ndim - 2,)), (batch, batch))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def _attention_fwd(q, k, v, bias):
     b, kv, gl, _ = q.shape
     l, s = bias.shape[-2:]
-    scores = _einsum("bkqd,bksd->bkqs", q, k, jnp.float32)
+    scores = _batched_matmul(q, k, jnp.float32, trans_b=True)
     scores = scores.reshape(b, kv, gl // l, l, s) + bias[:, :, None]  # bias: [B, 1, L, S]
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv, gl, s).astype(v.dtype)
-    out = _einsum("bkqs,bksd->bkqd", probs, v)
+    out = _batched_matmul(probs, v, v.dtype)
     return out, (q, k, v, probs, out, bias)
 
 
 def _attention_bwd(residuals, d_out):
     """Hand-written backward. The two matmuls that contract over queries (d_v = probs^T d_out and
-    d_k = d_scores^T q) are computed transposed, (d_out^T probs)^T, so only small [D, L] operands get transposed;
-    and the softmax backward uses rowsum(d_out * out), a [G*L, D] reduction, for rowsum(d_probs * probs)."""
+    d_k = d_scores^T q) read their first operand transposed (`_batched_matmul`); and the softmax backward uses
+    rowsum(d_out * out), a [G*L, D] reduction, for rowsum(d_probs * probs)."""
     q, k, v, probs, out, bias = residuals
     d_out = _row_major(d_out)
-    d_probs = _einsum("bkqd,bksd->bkqs", d_out, v, jnp.float32)
+    d_probs = _batched_matmul(d_out, v, jnp.float32, trans_b=True)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(q.dtype)
-    d_q = _einsum("bkqs,bksd->bkqd", d_scores, k)
-    d_v = _transposed(_einsum("bkdq,bkqs->bkds", _transposed(d_out), probs))
-    d_k = _transposed(_einsum("bkdq,bkqs->bkds", _transposed(q), d_scores))
+    d_q = _batched_matmul(d_scores, k, q.dtype)
+    d_k = _batched_matmul(d_scores, q, k.dtype, trans_a=True)
+    d_v = _batched_matmul(probs, d_out, v.dtype, trans_a=True)
     return d_q, d_k, d_v, jnp.zeros_like(bias)
 
 

@@ -42,11 +42,12 @@ def usable(x, out_dtype) -> bool:
 
 
 def matmul(a, b, out_dtype, trans_a: bool = False, trans_b: bool = False):
-    """op(a) @ op(b) for bfloat16 2-D a and b, in `out_dtype` (bfloat16 or float32); op transposes an operand when
-    its flag is set (a stored [k, m], b stored [n, k]), without a copy."""
-    m = a.shape[1] if trans_a else a.shape[0]
-    n = b.shape[0] if trans_b else b.shape[1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), out_dtype), vmap_method="sequential")
+    """op(a) @ op(b) for bfloat16 a and b, in `out_dtype` (bfloat16 or float32); op transposes the last two axes
+    of an operand when its flag is set (a stored [..., k, m], b stored [..., n, k]), without a copy. Leading axes
+    are batch axes, the same in a and b."""
+    m = a.shape[-1] if trans_a else a.shape[-2]
+    n = b.shape[-2] if trans_b else b.shape[-1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*a.shape[:-2], m, n), out_dtype), vmap_method="sequential")
     return call(a, b, trans_a=trans_a, trans_b=trans_b)
 
 

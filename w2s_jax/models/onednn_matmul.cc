@@ -1,5 +1,6 @@
 // An XLA FFI handler: y = op(a) @ op(b) for bfloat16 a and b, y in bfloat16 or float32 (accumulated in float32),
-// computed by oneDNN's matmul (AMX or AVX-512 kernels). op transposes an operand stored the other way round.
+// computed by oneDNN's matmul (AMX or AVX-512 kernels). op transposes the last two axes of an operand stored the
+// other way round. Leading axes are batch axes, the same in a, b and y: one matmul per batch index.
 // Built and registered by w2s_jax/models/onednn.py.
 #include <cstdint>
 #include <map>
@@ -16,17 +17,18 @@ namespace ffi = xla::ffi;
 namespace {
 
 using dt = dnnl::memory::data_type;
-using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, bool>;  // m, k, n, trans_a, trans_b, f32 result
+// batch, m, k, n, trans_a, trans_b, f32 result
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool>;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
 }
 
-// [rows, cols] row-major, or the transpose of a row-major [cols, rows] array.
-dnnl::memory::desc Matrix(int64_t rows, int64_t cols, dt type, bool transposed) {
-  return dnnl::memory::desc({rows, cols}, type, transposed ? dnnl::memory::dims{1, rows}
-                                                           : dnnl::memory::dims{cols, 1});
+// `batch` [rows, cols] matrices one after the other, each row-major or the transpose of a row-major [cols, rows].
+dnnl::memory::desc Matrices(int64_t batch, int64_t rows, int64_t cols, dt type, bool transposed) {
+  return dnnl::memory::desc({batch, rows, cols}, type, transposed ? dnnl::memory::dims{rows * cols, 1, rows}
+                                                                  : dnnl::memory::dims{rows * cols, cols, 1});
 }
 
 // One matmul at a time: each already runs on every core (OpenMP), and XLA would otherwise start independent ones
@@ -48,11 +50,11 @@ const Matmul& Get(const Key& key) {
   static std::map<Key, Matmul> cache;
   auto it = cache.find(key);
   if (it == cache.end()) {
-    auto [m, k, n, trans_a, trans_b, f32] = key;
+    auto [batch, m, k, n, trans_a, trans_b, f32] = key;
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::matmul::desc desc(Matrix(m, k, dt::bf16, trans_a), Matrix(k, n, dt::bf16, trans_b),
-                            Matrix(m, n, f32 ? dt::f32 : dt::bf16, false));
+    dnnl::matmul::desc desc(Matrices(batch, m, k, dt::bf16, trans_a), Matrices(batch, k, n, dt::bf16, trans_b),
+                            Matrices(batch, m, n, f32 ? dt::f32 : dt::bf16, false));
     dnnl::matmul::primitive_desc pd(desc, attr, Engine());
     it = cache.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first;
   }
@@ -75,22 +77,29 @@ void Execute(const Matmul& mm, void* a, void* b, void* y) {
 
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y, bool trans_a, bool trans_b) {
   auto ad = a.dimensions(), bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || a.element_type() != ffi::BF16 || b.element_type() != ffi::BF16) {
-    return ffi::Error::InvalidArgument("onednn_matmul: expected two 2-D bfloat16 operands");
+  const size_t rank = ad.size();
+  if (rank < 2 || bd.size() != rank || a.element_type() != ffi::BF16 || b.element_type() != ffi::BF16) {
+    return ffi::Error::InvalidArgument("onednn_matmul: expected two bfloat16 operands of the same rank >= 2");
   }
-  const int64_t m = trans_a ? ad[1] : ad[0], k = trans_a ? ad[0] : ad[1], n = trans_b ? bd[0] : bd[1];
-  if ((trans_b ? bd[1] : bd[0]) != k) return ffi::Error::InvalidArgument("onednn_matmul: inner dimensions differ");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    if (ad[i] != bd[i]) return ffi::Error::InvalidArgument("onednn_matmul: the batch axes differ");
+    batch *= ad[i];
+  }
+  const int64_t a0 = ad[rank - 2], a1 = ad[rank - 1], b0 = bd[rank - 2], b1 = bd[rank - 1];
+  const int64_t m = trans_a ? a1 : a0, k = trans_a ? a0 : a1, n = trans_b ? b0 : b1;
+  if ((trans_b ? b1 : b0) != k) return ffi::Error::InvalidArgument("onednn_matmul: inner dimensions differ");
   const bool f32 = y->element_type() == ffi::F32;
   if (!f32 && y->element_type() != ffi::BF16) {
     return ffi::Error::InvalidArgument("onednn_matmul: the result must be bfloat16 or float32");
   }
   std::lock_guard<std::mutex> lock(Running());
   try {
-    Execute(Get({m, k, n, trans_a, trans_b, f32}), a.untyped_data(), b.untyped_data(), y->untyped_data());
+    Execute(Get({batch, m, k, n, trans_a, trans_b, f32}), a.untyped_data(), b.untyped_data(), y->untyped_data());
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal("onednn_matmul: oneDNN failed on a bfloat16 matmul [" + std::to_string(m) + ", " +
-                                std::to_string(k) + "] x [" + std::to_string(k) + ", " + std::to_string(n) +
-                                "]: " + e.what());
+    return ffi::Error::Internal("onednn_matmul: oneDNN failed on " + std::to_string(batch) + " bfloat16 matmul(s) [" +
+                                std::to_string(m) + ", " + std::to_string(k) + "] x [" + std::to_string(k) + ", " +
+                                std::to_string(n) + "]: " + e.what());
   }
   return ffi::Error::Success();
 }
@@ -104,7 +113,7 @@ extern "C" int OnednnBf16Supported() {
     std::lock_guard<std::mutex> lock(Running());
     for (bool trans_a : {false, true}) {
       for (bool trans_b : {false, true}) {
-        for (bool f32 : {false, true}) Get({16, 32, 8, trans_a, trans_b, f32});
+        for (bool f32 : {false, true}) Get({1, 16, 32, 8, trans_a, trans_b, f32});
       }
     }
     return 1;
