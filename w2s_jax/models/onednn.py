@@ -4,8 +4,9 @@ XLA:CPU's bfloat16 matmul runs at about half the speed of oneDNN's AMX kernels o
 0.71-0.88x of its AVX512-BF16 kernels on an AMD EPYC (docs/BENCHMARKS.md); the projections are most of a LLaMA
 forward pass. When oneDNN's headers and library are installed (Debian/Ubuntu: `apt-get install libdnnl-dev`) and a
 C++ compiler is on the PATH, the first bfloat16 projection builds `onednn_matmul.cc` into the asset cache (once per
-source and jax version) and registers it with XLA. `models.llama.project` then sends a bfloat16 projection to it
-when the program runs on a single CPU device. Everything else keeps XLA's own dot: float32, GPUs and TPUs, several
+source and jax version) and registers it with XLA. `models.llama` then sends its bfloat16 projections and the
+attention's batched matmuls (scores and weighted values, forward and backward) to it when the program runs on a
+single CPU device. Everything else keeps XLA's own dot: float32, GPUs and TPUs, several
 devices (the custom call has no sharding rule, so a sharded program would gather its operands), and machines
 without oneDNN or whose CPU it has no bfloat16 matmul for (no AVX-512); one log line says why.
 
