@@ -46,6 +46,8 @@ def matmul(a, b, out_dtype, trans_a: bool = False, trans_b: bool = False):
     """op(a) @ op(b) for bfloat16 a and b, in `out_dtype` (bfloat16 or float32); op transposes the last two axes
     of an operand when its flag is set (a stored [..., k, m], b stored [..., n, k]), without a copy. Leading axes
     are batch axes, the same in a and b."""
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"onednn.matmul: the batch axes differ: {a.shape[:-2]} and {b.shape[:-2]}")
     m = a.shape[-1] if trans_a else a.shape[-2]
     n = b.shape[-2] if trans_b else b.shape[-1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*a.shape[:-2], m, n), out_dtype), vmap_method="sequential")
