@@ -381,11 +381,11 @@ def _swiglu_fwd(gate, up):
 
 
 def _swiglu_bwd(residuals, d_act):
-    gate, up = residuals
+    # The sigmoid is recomputed (as 0.5 tanh(g / 2) + 0.5) from a gate behind a barrier: from the same gate, XLA
+    # would merge it with the forward's identical expression and keep that float32 array alive until now.
+    gate, up = jax.lax.optimization_barrier(residuals)
     g, u, d_act = gate.astype(jnp.float32), up.astype(jnp.float32), d_act.astype(jnp.float32)
-    # The sigmoid recomputed in a form unlike the forward's (exp for 16-bit inputs, tanh for float32): XLA would
-    # merge two identical expressions and keep the forward's float32 sigmoid (and silu) alive until the backward.
-    sig = 1.0 / (1.0 + jnp.exp(-g)) if _is_16bit(gate) else 0.5 * jnp.tanh(0.5 * g) + 0.5
+    sig = 0.5 * jnp.tanh(0.5 * g) + 0.5
     d_gate = d_act * u * (sig * (1.0 + g * (1.0 - sig)))
     d_up = d_act * (g * sig)
     return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
