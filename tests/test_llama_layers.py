@@ -75,18 +75,6 @@ def _swiglu_formula(gate, up):
     return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def test_bfloat16_swiglu_is_silu_to_within_its_rounding():
-    """For 16-bit inputs the sigmoid is computed through tanh, whose absolute error (~6e-8) keeps the result within
-    a bfloat16 ulp of silu(g), except far in the negative tail, where silu itself is tiny."""
-    gate = jnp.linspace(-30.0, 30.0, 6001).astype(jnp.bfloat16)
-    got = np.asarray(llama.swiglu(gate, jnp.ones_like(gate)), np.float64)
-    g = np.asarray(gate, np.float64)
-    exact = g / (1.0 + np.exp(-g))
-    near = g > -10
-    np.testing.assert_array_less(np.abs(got - exact)[near], 2.0 ** -8 * np.abs(exact)[near] + 1e-30)
-    np.testing.assert_array_less(np.abs(got - exact)[~near], 2e-6)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_swiglu_value_and_gradients_equal_autodiff(dtype):
     rng = np.random.default_rng(0)

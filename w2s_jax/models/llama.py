@@ -370,21 +370,16 @@ class Attention(nn.Module):
 
 
 def _swiglu_fwd(gate, up):
-    # In float32: XLA:CPU would round every step of a 16-bit silu to bfloat16 (slower, and less accurate). For a
-    # 16-bit result the sigmoid is 0.5 tanh(g / 2) + 0.5, which XLA:CPU computes ~15% faster than 1 / (1 + exp(-g)):
-    # its absolute error (~6e-8) keeps the result within a bfloat16 ulp of silu(g) for g > -10, and below that,
-    # where |silu(g)| < 5e-4, within 2e-6 (tests/test_llama_layers.py).
-    g = gate.astype(jnp.float32)
-    sig = 0.5 * jnp.tanh(0.5 * g) + 0.5 if _is_16bit(gate) else jax.nn.sigmoid(g)
-    act = g * sig * up.astype(jnp.float32)
+    # In float32: XLA:CPU would round every step of a 16-bit silu to bfloat16 (slower, and less accurate).
+    act = nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
     return act.astype(gate.dtype), (gate, up)
 
 
 def _swiglu_bwd(residuals, d_act):
-    # The sigmoid is recomputed (as 0.5 tanh(g / 2) + 0.5) from a gate behind a barrier: from the same gate, XLA
-    # would merge it with the forward's identical expression and keep that float32 array alive until now.
-    gate, up = jax.lax.optimization_barrier(residuals)
+    gate, up = residuals
     g, u, d_act = gate.astype(jnp.float32), up.astype(jnp.float32), d_act.astype(jnp.float32)
+    # sigmoid(g) as 0.5 tanh(g / 2) + 0.5, not as the forward's 1 / (1 + exp(-g)): XLA would merge the two
+    # identical expressions and keep the forward's float32 sigmoid (and silu) alive until the backward pass.
     sig = 0.5 * jnp.tanh(0.5 * g) + 0.5
     d_gate = d_act * u * (sig * (1.0 + g * (1.0 - sig)))
     d_up = d_act * (g * sig)
