@@ -110,7 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=0,
                    help="our model with nn.scan over its layers (the configs' default: 0)")
     p.add_argument("--onednn", type=int, choices=(0, 1), default=1,
-                   help="ours: bfloat16 projections through oneDNN where usable (models/onednn.py), or XLA's dot (0)")
+                   help="ours: projections through oneDNN where usable (models/onednn.py), or XLA's dot (0)")
     p.add_argument("--malloc", default="default", choices=host_memory.MODES,
                    help="host allocator of the whole process (w2s_jax/host_memory.py)")
     p.add_argument("--torch_malloc", default="", choices=("",) + host_memory.MODES,
@@ -722,7 +722,7 @@ def load_everything(args):
     onednn.ENABLED = bool(args.onednn)
     onednn_state = ("n/a (ours not run)" if "jax" not in args.frameworks else "off (--onednn=0)" if not args.onednn
                     else "on" if onednn._registered() else "unavailable")
-    print(f"ours, oneDNN for bfloat16 projections on one device: {onednn_state}", flush=True)
+    print(f"ours, oneDNN for the projections on one device: {onednn_state}", flush=True)
 
     cfg, params, path = load_smollm2(bool(args.scan_layers))
     if args.data == "sentiment":

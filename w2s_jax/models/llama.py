@@ -208,16 +208,19 @@ def _matmul(x, kernel, out_dtype):
 
 def project(x, kernel, out_dtype):
     """`x @ kernel` for x: [tokens, in] in the compute dtype and kernel: [in, out] in the parameter dtype, computed
-    in x's dtype, accumulated in float32 and returned as `out_dtype`. 16-bit inputs take `_project_mixed`, whose
-    backward keeps XLA:CPU's matmuls in bfloat16; float32 is a plain matmul with JAX's own gradient."""
-    return _project_mixed(x, kernel, out_dtype) if _is_16bit(x) else _matmul(x, kernel, out_dtype)
+    in x's dtype, accumulated in float32 and returned as `out_dtype`. 16-bit inputs, and float32 ones that go to
+    oneDNN, take `_project_vjp`, whose backward keeps the matmuls in x's dtype (and on oneDNN); otherwise float32
+    is a plain matmul with JAX's own gradient."""
+    if _is_16bit(x) or onednn.usable(x, out_dtype):
+        return _project_vjp(x, kernel, out_dtype)
+    return _matmul(x, kernel, out_dtype)
 
 
-# `project` for 16-bit x, with a hand-written backward: the float32 cotangent is cast to x's dtype (so the backward
+# `project` with a hand-written backward: the float32 cotangent is cast to x's dtype (so for 16-bit x the backward
 # matmuls are bfloat16 x bfloat16 -> float32, not float32 ones), the kernel gradient is `x^T @ dy` with `x^T`
-# materialised row-major (see `_row_major`), and it is returned in the parameter dtype straight from the float32
-# accumulator, never rounded to bfloat16 on the way.
-_project_mixed = jax.custom_vjp(_matmul, nondiff_argnums=(2,))
+# materialised row-major (see `_row_major`) or read in place by oneDNN, and it is returned in the parameter dtype
+# straight from the float32 accumulator, never rounded to bfloat16 on the way.
+_project_vjp = jax.custom_vjp(_matmul, nondiff_argnums=(2,))
 
 
 def _project_fwd(x, kernel, out_dtype):
@@ -241,7 +244,7 @@ def _project_bwd(out_dtype, residuals, dy):
     return project_grads(*residuals, dy)
 
 
-_project_mixed.defvjp(_project_fwd, _project_bwd)
+_project_vjp.defvjp(_project_fwd, _project_bwd)
 
 
 class Dense(nn.Module):

@@ -1,17 +1,18 @@
-"""bfloat16 matmuls on a CPU through oneDNN, called from XLA programs as an FFI custom call.
+"""bfloat16 and float32 matmuls on a CPU through oneDNN, called from XLA programs as an FFI custom call.
 
 XLA:CPU's bfloat16 matmul runs at about half the speed of oneDNN's AMX kernels on a CPU that has them, and at
-0.71-0.88x of its AVX512-BF16 kernels on an AMD EPYC (docs/BENCHMARKS.md); the projections are most of a LLaMA
-forward pass. When oneDNN's headers and library are installed (Debian/Ubuntu: `apt-get install libdnnl-dev`) and a
-C++ compiler is on the PATH, the first bfloat16 projection builds `onednn_matmul.cc` into the asset cache (once per
-source and jax version) and registers it with XLA. `models.llama` then sends its bfloat16 projections and the
-attention's batched matmuls (scores and weighted values, forward and backward) to it when the program runs on a
-single CPU device. Everything else keeps XLA's own dot: float32, GPUs and TPUs, several
-devices (the custom call has no sharding rule, so a sharded program would gather its operands), and machines
-without oneDNN or whose CPU it has no bfloat16 matmul for (no AVX-512); one log line says why.
+0.71-0.88x of its AVX512-BF16 kernels on an AMD EPYC; on the Intel Xeon, oneDNN's float32 kernels made SmolLM2's
+float32 forward 15% faster than XLA's (docs/BENCHMARKS.md). The projections are most of a LLaMA forward pass.
+When oneDNN's headers and library are installed (Debian/Ubuntu: `apt-get install libdnnl-dev`) and a C++ compiler
+is on the PATH, the first projection builds `onednn_matmul.cc` into the asset cache (once per source and jax
+version) and registers it with XLA. `models.llama` then sends its projections and the attention's batched matmuls
+(scores and weighted values, forward and backward) to it when the program runs on a single CPU device. Everything
+else keeps XLA's own dot: GPUs and TPUs, several devices (the custom call has no sharding rule, so a sharded program
+would gather its operands), other dtypes, and machines without oneDNN or whose CPU it has no bfloat16 matmul for
+(no AVX-512); one log line says why.
 
-The result is XLA's up to the order of its float32 sums: float32 accumulation, then one rounding to the
-result's dtype (tests/test_onednn.py).
+The result is XLA's up to the order of its float32 sums: float32 accumulation, then, for a bfloat16 result, one
+rounding (tests/test_onednn.py).
 """
 from __future__ import annotations
 
@@ -36,16 +37,16 @@ SOURCE = Path(__file__).with_name("onednn_matmul.cc")
 
 
 def usable(x, out_dtype) -> bool:
-    """Whether `x @ kernel` (x in the compute dtype) goes to oneDNN: bfloat16 in, bfloat16 or float32 out, on a
-    process with one CPU device, with the kernel built."""
-    return (ENABLED and x.dtype == jnp.bfloat16 and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float32)
+    """Whether `x @ kernel` (x in the compute dtype) goes to oneDNN: bfloat16 in and bfloat16 or float32 out, or
+    float32 in and out, on a process with one CPU device, with the kernel built."""
+    return (ENABLED and x.dtype in (jnp.bfloat16, jnp.float32) and jnp.dtype(out_dtype) in (x.dtype, jnp.float32)
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and _registered())
 
 
 def matmul(a, b, out_dtype, trans_a: bool = False, trans_b: bool = False):
-    """op(a) @ op(b) for bfloat16 a and b, in `out_dtype` (bfloat16 or float32); op transposes the last two axes
-    of an operand when its flag is set (a stored [..., k, m], b stored [..., n, k]), without a copy. Leading axes
-    are batch axes, the same in a and b."""
+    """op(a) @ op(b) for bfloat16 a and b in `out_dtype` (bfloat16 or float32), or for float32 a and b in float32;
+    op transposes the last two axes of an operand when its flag is set (a stored [..., k, m], b stored
+    [..., n, k]), without a copy. Leading axes are batch axes, the same in a and b."""
     if a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"onednn.matmul: the batch axes differ: {a.shape[:-2]} and {b.shape[:-2]}")
     m = a.shape[-1] if trans_a else a.shape[-2]
@@ -89,11 +90,11 @@ def _registered() -> bool:
         path = build()
         lib = ctypes.cdll.LoadLibrary(str(path))
     except (OSError, RuntimeError) as e:
-        log.info("oneDNN matmuls unavailable (%s); bfloat16 projections use XLA's dot", e)
+        log.info("oneDNN matmuls unavailable (%s); the projections use XLA's dot", e)
         return False
-    if not lib.OnednnBf16Supported():
-        log.info("oneDNN has no bfloat16 matmul for this CPU (it needs AVX-512); bfloat16 projections use XLA's dot")
+    if not lib.OnednnSupported():
+        log.info("oneDNN has no bfloat16 matmul for this CPU (it needs AVX-512); the projections use XLA's dot")
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.OnednnMatmul), platform="cpu")
-    log.info("bfloat16 projections on a single CPU device use oneDNN (%s)", path)
+    log.info("projections on a single CPU device use oneDNN (%s)", path)
     return True

@@ -1,5 +1,5 @@
 // An XLA FFI handler: y = op(a) @ op(b) for bfloat16 a and b, y in bfloat16 or float32 (accumulated in float32),
-// computed by oneDNN's matmul (AMX or AVX-512 kernels). op transposes the last two axes of an operand stored the
+// or for float32 a and b, y in float32, computed by oneDNN's matmul (AMX or AVX-512 kernels). op transposes the last two axes of an operand stored the
 // other way round. Leading axes are batch axes, the same in a, b and y: one matmul per batch index.
 // Built and registered by w2s_jax/models/onednn.py.
 #include <cstdint>
@@ -17,8 +17,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using dt = dnnl::memory::data_type;
-// batch, m, k, n, trans_a, trans_b, f32 result
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool>;
+// batch, m, k, n, trans_a, trans_b, float32 operands, float32 result
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool>;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -50,10 +50,11 @@ const Matmul& Get(const Key& key) {
   static std::map<Key, Matmul> cache;
   auto it = cache.find(key);
   if (it == cache.end()) {
-    auto [batch, m, k, n, trans_a, trans_b, f32] = key;
+    auto [batch, m, k, n, trans_a, trans_b, f32_in, f32] = key;
+    const dt in = f32_in ? dt::f32 : dt::bf16;
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::matmul::desc desc(Matrices(batch, m, k, dt::bf16, trans_a), Matrices(batch, k, n, dt::bf16, trans_b),
+    dnnl::matmul::desc desc(Matrices(batch, m, k, in, trans_a), Matrices(batch, k, n, in, trans_b),
                             Matrices(batch, m, n, f32 ? dt::f32 : dt::bf16, false));
     dnnl::matmul::primitive_desc pd(desc, attr, Engine());
     it = cache.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first;
@@ -78,8 +79,11 @@ void Execute(const Matmul& mm, void* a, void* b, void* y) {
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y, bool trans_a, bool trans_b) {
   auto ad = a.dimensions(), bd = b.dimensions();
   const size_t rank = ad.size();
-  if (rank < 2 || bd.size() != rank || a.element_type() != ffi::BF16 || b.element_type() != ffi::BF16) {
-    return ffi::Error::InvalidArgument("onednn_matmul: expected two bfloat16 operands of the same rank >= 2");
+  const bool f32_in = a.element_type() == ffi::F32;
+  if (rank < 2 || bd.size() != rank || (!f32_in && a.element_type() != ffi::BF16) ||
+      b.element_type() != a.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "onednn_matmul: expected two bfloat16 or two float32 operands of the same rank >= 2");
   }
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < rank; ++i) {
@@ -90,14 +94,17 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y
   const int64_t m = trans_a ? a1 : a0, k = trans_a ? a0 : a1, n = trans_b ? b0 : b1;
   if ((trans_b ? b1 : b0) != k) return ffi::Error::InvalidArgument("onednn_matmul: inner dimensions differ");
   const bool f32 = y->element_type() == ffi::F32;
-  if (!f32 && y->element_type() != ffi::BF16) {
-    return ffi::Error::InvalidArgument("onednn_matmul: the result must be bfloat16 or float32");
+  if (!f32 && (f32_in || y->element_type() != ffi::BF16)) {
+    return ffi::Error::InvalidArgument(f32_in ? "onednn_matmul: float32 operands need a float32 result"
+                                              : "onednn_matmul: the result must be bfloat16 or float32");
   }
   std::lock_guard<std::mutex> lock(Running());
   try {
-    Execute(Get({batch, m, k, n, trans_a, trans_b, f32}), a.untyped_data(), b.untyped_data(), y->untyped_data());
+    Execute(Get({batch, m, k, n, trans_a, trans_b, f32_in, f32}), a.untyped_data(), b.untyped_data(),
+            y->untyped_data());
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal("onednn_matmul: oneDNN failed on " + std::to_string(batch) + " bfloat16 matmul(s) [" +
+    return ffi::Error::Internal("onednn_matmul: oneDNN failed on " + std::to_string(batch) +
+                                (f32_in ? " float32" : " bfloat16") + " matmul(s) [" +
                                 std::to_string(m) + ", " + std::to_string(k) + "] x [" + std::to_string(k) + ", " +
                                 std::to_string(n) + "]: " + e.what());
   }
@@ -106,14 +113,16 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y
 
 }  // namespace
 
-// 1 when oneDNN has bfloat16 matmuls for this CPU (every variant the handler runs), else 0: on a CPU without
-// AVX-512 (or with oneDNN's ISA capped by ONEDNN_MAX_CPU_ISA) creating one fails, and the caller keeps XLA's dot.
-extern "C" int OnednnBf16Supported() {
+// 1 when oneDNN has bfloat16 matmuls for this CPU (every variant the handler runs, and the float32 ones), else 0:
+// on a CPU without AVX-512 (or with oneDNN's ISA capped by ONEDNN_MAX_CPU_ISA) creating one fails, and the caller
+// keeps XLA's dot.
+extern "C" int OnednnSupported() {
   try {
     std::lock_guard<std::mutex> lock(Running());
     for (bool trans_a : {false, true}) {
       for (bool trans_b : {false, true}) {
-        for (bool f32 : {false, true}) Get({1, 16, 32, 8, trans_a, trans_b, f32});
+        for (bool f32 : {false, true}) Get({1, 16, 32, 8, trans_a, trans_b, false, f32});
+        Get({1, 16, 32, 8, trans_a, trans_b, true, true});
       }
     }
     return 1;
