@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--malloc", default="default", choices=host_memory.MODES,
                    help="host allocator of the whole process, so of both frameworks: glibc's default, freed memory "
                         "retained, or huge pages (w2s_jax/host_memory.py; launch/main.py's --config.host_malloc)")
+    p.add_argument("--onednn", type=int, choices=(0, 1), default=1,
+                   help="ours: projections through oneDNN where usable (models/onednn.py), or XLA's dot (0)")
     p.add_argument("--scan_layers", type=int, choices=(0, 1), default=None,
                    help="override the preset's scan_layers for our model (default: the preset's)")
     args = p.parse_args(argv)
@@ -319,6 +321,8 @@ def main(argv=None) -> dict:
         raise ValueError(f"--frameworks: unknown {unknown}; expected jax and/or torch")
     load_before = os.getloadavg()
     info = machine_info(args.threads)
+    from w2s_jax.models import onednn
+    onednn.ENABLED = bool(args.onednn)
     peak = matmul_peak()
     for dtype, row in peak.items():
         print(f"matmul peak ({dtype}, 2048^3): " + ", ".join(f"{lib} {flops / 1e9:.1f}" for lib, flops in row.items())
@@ -347,7 +351,7 @@ def main(argv=None) -> dict:
         row["speedup_vs"] = {base: {name: r["tokens_per_s"] / row["runs"][base]["tokens_per_s"]
                                     for name, r in row["runs"].items() if not name.startswith("torch")}
                              for base in row["runs"] if base.startswith("torch")}
-    result = {"machine": info, "malloc": malloc,
+    result = {"machine": info, "malloc": malloc, "onednn": args.onednn,
               "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "matmul_peak_flops": peak, "steps": args.steps, "warmup": args.warmup, "devices": args.devices,
               "results": rows}

@@ -1,5 +1,6 @@
 """The oneDNN matmul in bfloat16 and float32 (models/onednn.py): XLA's result up to float32 summation order, and
-taken by the model's projections exactly where intended. Skipped where oneDNN is not installed (`apt-get install libdnnl-dev`)."""
+taken by the model's projections exactly where intended. Skipped where oneDNN is not installed (`apt-get install
+libdnnl-dev`)."""
 import json
 import os
 import subprocess

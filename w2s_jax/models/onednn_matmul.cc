@@ -1,6 +1,7 @@
 // An XLA FFI handler: y = op(a) @ op(b) for bfloat16 a and b, y in bfloat16 or float32 (accumulated in float32),
-// or for float32 a and b, y in float32, computed by oneDNN's matmul (AMX or AVX-512 kernels). op transposes the last two axes of an operand stored the
-// other way round. Leading axes are batch axes, the same in a, b and y: one matmul per batch index.
+// or for float32 a and b, y in float32, computed by oneDNN's matmul (AMX or AVX-512 kernels). op transposes the
+// last two axes of an operand stored the other way round. Leading axes are batch axes, the same in a, b and y: one
+// matmul per batch index.
 // Built and registered by w2s_jax/models/onednn.py.
 #include <cstdint>
 #include <map>
