@@ -4,6 +4,7 @@ XLA:CPU's bfloat16 matmul runs at about half the speed of oneDNN's AMX kernels o
 0.71-0.88x of its AVX512-BF16 kernels on an AMD EPYC; on an Intel Xeon, oneDNN's float32 kernels made SmolLM2's
 float32 feature extraction 13-16% faster than XLA's (docs/BENCHMARKS.md). The projections are most of a LLaMA
 forward pass.
+
 When oneDNN's headers and library are installed (Debian/Ubuntu: `apt-get install libdnnl-dev`) and a C++ compiler
 is on the PATH, the first projection builds `onednn_matmul.cc` into the asset cache (once per source and jax
 version) and registers it with XLA. `models.llama` then sends its projections and the attention's batched matmuls
