@@ -7,17 +7,19 @@ import ml_collections
 
 
 def model(source="pretrain", preset="", checkpoint="", lr=0.0, pretrain_steps=0, layers=0, probe_layer=None,
-          epochs=0.0):
+          probe_pooling=None, epochs=0.0):
     """One model of the ladder: pretrained here from a preset, or loaded from a checkpoint (`source='hf'`): a Hugging
     Face LLaMA directory, a .gguf file, or a shipped asset such as 'asset:smollm2' (fetched when first needed).
 
     lr, epochs: its finetuning's learning rate and epochs (0: train.lr, train.epochs).
     layers: keep only the first `layers` decoder layers (0: all): an early exit of a real model as a weaker model.
     probe_layer: the hidden state its linear probes read (None: `probe.layer`).
+    probe_pooling: where they read it, 'last' (the prompt's last token) or 'mean' (None: `probe.pooling`).
     """
     return ml_collections.ConfigDict(dict(
         source=source, preset=preset, checkpoint=checkpoint, lr=lr, epochs=epochs, pretrain_steps=pretrain_steps,
-        layers=layers, probe_layer=ml_collections.config_dict.placeholder(int) if probe_layer is None else probe_layer))
+        layers=layers, probe_layer=ml_collections.config_dict.placeholder(int) if probe_layer is None else probe_layer,
+        probe_pooling=ml_collections.config_dict.placeholder(str) if probe_pooling is None else probe_pooling))
 
 
 def get_base_config():
@@ -87,9 +89,10 @@ def get_base_config():
         # labelled by the supervisor).
         methods="",
     ))
-    # Linear probes on frozen features (layer -1: the last hidden state), early-stopped on a val_frac split.
+    # Linear probes on frozen features (layer -1: the last hidden state; pooling "last": at the prompt's last token,
+    # "mean": averaged over its tokens), early-stopped on a val_frac split.
     c.probe = ml_collections.ConfigDict(dict(
-        layer=-1, l2=1e-3, lr=1e-2, epochs=50, batch_size=256, patience=5, val_frac=0.1))
+        layer=-1, pooling="last", l2=1e-3, lr=1e-2, epochs=50, batch_size=256, patience=5, val_frac=0.1))
     # Generative finetuning (experiment.methods=genft): next-token prediction on the task's texts.
     c.genft = ml_collections.ConfigDict(dict(
         steps=100, batch_size=16, seq_len=256, lr=1e-4, warmup_steps=10, schedule="cosine", optimizer="adamw",

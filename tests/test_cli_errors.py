@@ -84,6 +84,9 @@ CASES = {
                        "invalid config: experiment.methods: 'probe' needs a fixed set of classes, but task.scoring="
                        "'choice_lm' scores a variable list of candidates (chess: the legal moves), so a linear head "
                        "over their indices means nothing"),
+    "bad_probe_pooling": ([SMOKE, "--config.probe.pooling=max", "--config.models.weak.probe_pooling=first"], {},
+                          "invalid config: probe.pooling='max': expected one of ['last', 'mean']; "
+                          "models.weak.probe_pooling='first': expected one of ['last', 'mean']"),
     "unknown_model_in_chain": ([SMOKE, "--config.experiment.chains=weak->huge->strong"], {},
                                "invalid config: experiment.chains: unknown model 'huge' in 'weak->huge->strong'; "
                                "models are ['mid', 'strong', 'weak']"),

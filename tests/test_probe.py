@@ -37,11 +37,13 @@ def single_device_runtime():
     return Runtime(parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1]), parallel.resolve_rules(None))
 
 
-def unpadded_reference(lm_params, encoded, layer):
-    """Each prompt alone (no padding, no batching): hidden state `layer` at its last token."""
+def unpadded_reference(lm_params, encoded, layer, pooling="last"):
+    """Each prompt alone (no padding, no batching): hidden state `layer` at its last token, or its mean over the
+    prompt's tokens."""
     model = LlamaForCausalLM(CFG)
     forward = jax.jit(lambda ids: model.apply({"params": lm_params}, ids, output_hidden_states=True)[1][layer])
-    return np.stack([np.asarray(forward(jnp.asarray([e["prompt"]]))[0, -1]) for e in encoded])
+    pool = (lambda h: h[-1]) if pooling == "last" else (lambda h: h.mean(0, dtype=np.float64))
+    return np.stack([pool(np.asarray(forward(jnp.asarray([e["prompt"]]))[0])) for e in encoded]).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -68,6 +70,30 @@ def test_sharded_extraction_equals_single_device_and_keeps_order(lm_params, laye
     assert sharded.shape == (13, CFG.hidden_size) and sharded.dtype == np.float32
     np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(single, unpadded_reference(lm_params, enc, layer), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_mean_pooled_features_are_each_prompts_mean_state(lm_params, layer):
+    """Packed several to a row and sharded over 8 devices, each prompt's features are the mean of its own states
+    (computed alone), never mixed with a neighbour's or with padding."""
+    enc = make_encoded(13, seed=2)
+    assert max(map(len, batching.pack_rows([len(e["prompt"]) for e in enc], 64))) > 1  # rows hold several prompts
+    feats = probe.extract_features(CFG, lm_params, enc, layer, make_runtime({"data": 1, "fsdp": -1, "tensor": 1}),
+                                   batch_size=8, pooling="mean")
+    np.testing.assert_allclose(feats, unpadded_reference(lm_params, enc, layer, "mean"), atol=1e-5, rtol=1e-5)
+    last = probe.extract_features(CFG, lm_params, enc, layer, single_device_runtime(), batch_size=8)
+    assert np.abs(feats - last).max() > 1e-2  # a different feature (1,000x the tolerance), not the last token
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_several_layers_in_one_pass_equal_one_layer_at_a_time(lm_params, pooling):
+    enc = make_encoded(7, seed=3)
+    rt = single_device_runtime()
+    together = probe.extract_layer_features(CFG, lm_params, enc, [0, -1, 1], rt, batch_size=4, pooling=pooling)
+    apart = np.stack([probe.extract_features(CFG, lm_params, enc, layer, rt, batch_size=4, pooling=pooling)
+                      for layer in (0, -1, 1)])
+    assert together.shape == (3, 7, CFG.hidden_size)
+    np.testing.assert_allclose(together, apart, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -98,6 +124,8 @@ def test_extract_features_rejects_bad_layer_and_batch_size(lm_params):
         probe.extract_features(CFG, lm_params, enc, 3, single_device_runtime())
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 8 devices"):
         probe.extract_features(CFG, lm_params, enc, -1, make_runtime({"fsdp": -1}), batch_size=6)
+    with pytest.raises(ValueError, match=r"pooling='max': expected one of \['last', 'mean'\]"):
+        probe.extract_features(CFG, lm_params, enc, -1, single_device_runtime(), pooling="max")
 
 
 def test_a_second_extraction_reuses_the_first_ones_compilations(lm_params):
@@ -107,7 +135,7 @@ def test_a_second_extraction_reuses_the_first_ones_compilations(lm_params):
     enc = make_encoded(12, seed=4)
     probe._jitted_forward.cache_clear()
     first = probe.extract_features(CFG, lm_params, enc, 1, rt, batch_size=4)
-    jitted, _ = probe._jitted_forward(CFG, 1, False, rt.mesh, rt.rules)
+    jitted, _ = probe._jitted_forward(CFG, (1,), "last", rt.mesh, rt.rules)
     compiled = jitted._cache_size()
     assert compiled >= 1
     np.testing.assert_array_equal(probe.extract_features(CFG, lm_params, enc, 1, rt, batch_size=4), first)

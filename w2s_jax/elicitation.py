@@ -5,6 +5,7 @@ digests) is unchanged; each yields result rows like any other method.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -16,14 +17,20 @@ from w2s_jax import train as train_lib
 METHODS = ("probe", "finetune_probe", "genft", "zero_shot", "few_shot")
 
 
-def model_features(exp, model: str, layer: int | None = None, prompt_states: bool = False) -> dict[str, np.ndarray]:
-    """Frozen features of a (pretrained, not finetuned) model at its probe layer (or `layer`) for the training pool
+def model_features(exp, model: str, layer: int | None = None, prompt_states: bool = False,
+                   pooling: str = "last") -> dict[str, np.ndarray]:
+    """Frozen features of a (pretrained, not finetuned) model at its probe layer (or `layer`), at the prompt's last
+    token or averaged over its tokens (`pooling`, `probe.extract_features`), for the training pool
     and the test set, cached in the workdir (shared by the seeds) under names holding the digests of the weights, of
     the dtypes and of the examples, so a changed input never reuses stale features. The model is loaded once, only
     if a file is missing. With `prompt_states`, the hidden state at every prompt token
     (`probe.extract_prompt_states`: what a top-layers model reads) instead of at the last one."""
     layer = exp.feature_layer(model) if layer is None else layer
-    extract, kind = (probe.extract_prompt_states, "states") if prompt_states else (probe.extract_features, "layer")
+    if prompt_states:
+        extract, kind = probe.extract_prompt_states, "states"
+    else:
+        extract = functools.partial(probe.extract_features, pooling=pooling)
+        kind = {"last": "layer", "mean": "mean"}[probe.check_pooling(pooling)]
     splits = {"train": (exp.train, exp.enc["train"]), "test": (exp.test, exp.enc["test"])}
     loaded = []
 

@@ -159,6 +159,12 @@ def validate_config(cfg) -> None:
         if "finetune_probe" in parse_list(exp.methods):
             problems.append(f"experiment.methods 'finetune_probe' probes the finetuned model's layer "
                             f"probe.layer, which train.trainable_layers={k} does not build: set it to 0")
+    from w2s_jax.probe import POOLINGS
+    for key, pooling in [("probe.pooling", cfg.probe.get("pooling"))] + [
+            (f"models.{name}.probe_pooling", m.probe_pooling) for name, m in cfg.models.items()
+            if m.get("probe_pooling") is not None]:
+        if pooling not in POOLINGS:
+            problems.append(f"{key}={pooling!r}: expected one of {list(POOLINGS)}")
     for control in parse_list(exp.controls):
         if control != "random_flips":
             problems.append(f"experiment.controls: unknown control {control!r}; the valid one is 'random_flips'")
@@ -410,6 +416,11 @@ class Experiment:
         m = self.cfg.models.get(name.split("+")[0])
         return self.cfg.probe.layer if m is None or m.probe_layer is None else m.probe_layer
 
+    def feature_pooling(self, name: str) -> str:
+        """Where a linear probe of this model reads that state: 'last' (the prompt's last token) or 'mean'."""
+        m = self.cfg.models.get(name.split("+")[0])
+        return self.cfg.probe.pooling if m is None or m.get("probe_pooling") is None else m.probe_pooling
+
     def train_spec(self, model: str, loss_name: str) -> dict:
         """The config keys that determine a finetuning run of `model` with `loss_name`."""
         cfg = self.cfg
@@ -561,9 +572,10 @@ class Experiment:
                 "val_kind": val_kind if early else None,
                 "label_sets": {k: self.examples_digest(split_examples[s]) for k, s in sorted(label_sets.items())},
                 "features_for": {s: self.examples_digest(split_examples[s]) for s in features_for},
-                "probe_layer": self.feature_layer(model) if features_for or self.probing else None}
+                "probe_layer": self.feature_layer(model) if features_for or self.probing else None,
+                "probe_pooling": self.feature_pooling(model) if features_for or self.probing else None}
         if self.probing or self.cfg.train.head_init == "probe":  # the probe settings fit the probe (or the head)
-            spec.update({f"probe.{k}": v for k, v in self.cfg.probe.to_dict().items() if k != "layer"})
+            spec.update({f"probe.{k}": v for k, v in self.cfg.probe.to_dict().items() if k not in ("layer", "pooling")})
         if self.probing:
             compute = lambda: self._probe_and_predict(run, model, train_split, train_idx, targets, label_sets,
                                                       val if early else None, val_kind)
@@ -576,15 +588,16 @@ class Experiment:
     def probing(self) -> bool:
         return self.cfg.train.method == "probe"
 
-    def features(self, model: str, split: str, layer: int | None = None) -> np.ndarray:
-        """Frozen features of `model` at its probe layer (or `layer`) for the examples of a split ('A', 'B',
-        'test'), computed once for the whole training pool (cached on disk, and in memory for the run), so every
-        seed's halves are rows of the same array."""
+    def features(self, model: str, split: str, layer: int | None = None, pooling: str | None = None) -> np.ndarray:
+        """Frozen features of `model` at its probe layer and pooling (or `layer`, `pooling`) for the examples of a
+        split ('A', 'B', 'test'), computed once for the whole training pool (cached on disk, and in memory for the
+        run), so every seed's halves are rows of the same array."""
         from w2s_jax import elicitation
         layer = self.feature_layer(model) if layer is None else layer
-        key = f"{model}@layer{layer}"  # the probes and a probe head on the same layer share one copy
+        pooling = self.feature_pooling(model) if pooling is None else pooling
+        key = f"{model}@layer{layer}/{pooling}"  # the probes and a probe head on the same features share one copy
         if key not in self._features:  # read (or computed) once a run, not once a probe
-            self._features[key] = elicitation.model_features(self, model, layer)
+            self._features[key] = elicitation.model_features(self, model, layer, pooling=pooling)
         feats = self._features[key]
         return feats["test"] if split == "test" else feats["train"][self.idx[split]]
 
@@ -616,7 +629,7 @@ class Experiment:
                                     patience=p.patience)
         result = {"run": run, "model": model, "seed": self.seed, "method": "probe", "loss": "xent",
                   "train_examples": len(train_idx), "early_stopping": val_kind if val else "none", "labels": {},
-                  "probe_layer": self.feature_layer(model)}
+                  "probe_layer": self.feature_layer(model), "probe_pooling": self.feature_pooling(model)}
         result.update(self.score_test(run, [int(x) for x in probe.probe_predict(params, self.features(model, "test"))]))
         for label_name, split in label_sets.items():
             logits = probe.probe_logits(params, self.features(model, split))
@@ -629,7 +642,7 @@ class Experiment:
         settings) on what the head reads, the frozen model's final normed state at the last prompt token, fitted on
         the run's own training examples and targets."""
         from w2s_jax import probe
-        feats = self.features(model, train_split, layer=-1)[train_idx]
+        feats = self.features(model, train_split, layer=-1, pooling="last")[train_idx]
         p = self.cfg.probe
         log.info("fitting %s's head as a probe on its final features (train.head_init='probe')", model)
         return probe.fit_head_kernel(feats, stack_targets(targets), l2=p.l2, lr=p.lr, epochs=p.epochs,
@@ -718,8 +731,8 @@ class Experiment:
             result["features"] = {}
             for split in features_for:
                 path = os.path.join(run_dir, f"features_{split}.npy")
-                feats = probe.extract_features(lcfg, state.params["lm"], self.enc[split], self.cfg.probe.layer,
-                                               self.runtime, self.cfg.eval.batch_size)
+                feats = probe.extract_features(lcfg, state.params["lm"], self.enc[split], self.feature_layer(model),
+                                               self.runtime, self.cfg.eval.batch_size, self.feature_pooling(model))
                 if self.is_main:
                     np.save(path, feats)
                 result["features"][split] = path

@@ -1,7 +1,8 @@
 """Linear probes on frozen features: the paper's cheapest weak-to-strong method.
 
-Features are the hidden state of one layer at the last real token of each example's prompt, computed once with a
-jitted, sharded forward pass of the frozen LLaMA (`extract_features`) and cached on disk (`cached_features`).
+Features are the hidden state of one layer at the last real token of each example's prompt (`pooling='last'`), or
+its mean over the prompt's tokens (`'mean'`), computed once with a jitted, sharded forward pass of the frozen LLaMA
+(`extract_features`) and cached on disk (`cached_features`).
 A multinomial logistic regression (`train_logreg`) is then fitted on soft targets (weak labels or one-hot ground
 truth), optionally early-stopped on a validation set.
 
@@ -54,24 +55,51 @@ def _check_layer(cfg: LlamaConfig, layer: int) -> int:
     return layer % n
 
 
-def _layer_states(cfg: LlamaConfig, lm_params, batch, layer: int):
-    """Hidden state `layer` [B, L, H] of a (packed) batch. Under jit, the LM head and the layers after `layer` are
-    dead code and are not computed."""
+def _hidden_states(cfg: LlamaConfig, lm_params, batch):
+    """Every hidden state (embeddings, layer_1, ..., norm(layer_N)), each [B, L, H], of a (packed) batch. Under jit,
+    the LM head and the layers after those a caller reads are dead code and are not computed."""
     _, hidden = LlamaForCausalLM(cfg).apply({"params": lm_params}, batch["input_ids"], batch["attention_mask"],
                                             batch.get("positions"), batch.get("segment_ids"),
                                             output_hidden_states=True)
-    return hidden[layer]
+    return hidden
+
+
+POOLINGS = ("last", "mean")
+
+
+def check_pooling(pooling: str, what: str = "pooling") -> str:
+    if pooling not in POOLINGS:
+        raise ValueError(f"{what}={pooling!r}: expected one of {list(POOLINGS)}")
+    return pooling
+
+
+def prompt_features_fn(cfg: LlamaConfig, layers: Sequence[int], pooling: str = "last"):
+    """(lm_params, batch) -> float32 [len(layers), B, S, H]: for each hidden state in `layers`, each packed prompt's
+    state at its last token (`batch["last_index"]` [B, S], `batching.collate_packed`) or its mean over the prompt's
+    tokens (the positions whose `segment_ids` name it).
+
+    Why a mean: a shallow model's last token has seen little of the text (SmolLM2's state 2 is a better probe feature
+    averaged over the prompt than at its end), while deep models gather the text at the last token."""
+    layers = [_check_layer(cfg, layer) for layer in layers]
+    check_pooling(pooling)
+
+    def fn(lm_params, batch):
+        hidden = _hidden_states(cfg, lm_params, batch)
+        h = jnp.stack([hidden[layer] for layer in layers])  # [n, B, L, H]
+        if pooling == "last":
+            return jnp.take_along_axis(h, batch["last_index"][None, :, :, None], axis=2).astype(jnp.float32)
+        h = h.astype(jnp.float32)
+        member = jax.nn.one_hot(batch["segment_ids"] - 1, batch["last_index"].shape[1], dtype=jnp.float32)  # [B,L,S]
+        sums = jnp.einsum("bls,nblh->nbsh", member, h, precision=jax.lax.Precision.HIGHEST)
+        return sums / jnp.maximum(member.sum(1), 1.0)[None, :, :, None]
+    return fn
 
 
 def last_token_features_fn(cfg: LlamaConfig, layer: int):
     """(lm_params, batch) -> float32 [B, S, H]: the hidden state `layer` at each of a packed batch's `last_index`
     [B, S] (`batching.collate_packed`)."""
-    layer = _check_layer(cfg, layer)
-
-    def fn(lm_params, batch):
-        h = _layer_states(cfg, lm_params, batch, layer)
-        return jnp.take_along_axis(h, batch["last_index"][:, :, None], axis=1).astype(jnp.float32)
-    return fn
+    fn = prompt_features_fn(cfg, [layer])
+    return lambda lm_params, batch: fn(lm_params, batch)[0]
 
 
 def frozen_params(cfg: LlamaConfig, lm_params):
@@ -86,23 +114,24 @@ def frozen_params(cfg: LlamaConfig, lm_params):
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_forward(cfg: LlamaConfig, layer: int, every_token: bool, mesh, rules):
-    """(jitted forward, the frozen parameters' shardings) for `_map_prompts`: hidden state `layer` at every position
-    ([B, L, H]) or at each packed prompt's last token ([B, S, H]), float32. Built once per model config, layer and
-    mesh, so a second extraction (the test set after the training pool) reuses the first one's compilations: jit
-    caches them per function object."""
+def _jitted_forward(cfg: LlamaConfig, layers: tuple[int, ...], pooling: str, mesh, rules):
+    """(jitted forward, the frozen parameters' shardings) for `_map_prompts`: with `pooling` 'states', hidden state
+    `layers[0]` at every position ([B, L, H]); else `prompt_features_fn`'s pooled states of `layers`
+    ([len(layers), B, S, H]), float32. Built once per model config, layers, pooling and mesh, so a second
+    extraction (the test set after the training pool) reuses the first one's compilations: jit caches them per
+    function object."""
     shardings = parallel.param_shardings(LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32), mesh, rules)
-    if every_token:
-        fn = lambda p, b: _layer_states(cfg, p, b, layer).astype(jnp.float32)
+    if pooling == "states":
+        fn = lambda p, b: _hidden_states(cfg, p, b)[layers[0]].astype(jnp.float32)
     else:
-        fn = last_token_features_fn(cfg, layer)
+        fn = prompt_features_fn(cfg, layers, pooling)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(fn, in_shardings=(shardings, parallel.batch_sharding(mesh, rules)), out_shardings=replicated)
     return jitted, shardings
 
 
-def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, every_token: bool, runtime,
-                 batch_size: int, what: str):
+def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layers: Sequence[int], pooling: str,
+                 runtime, batch_size: int, what: str):
     """Yield (rows, host output) of the jitted forward (`_jitted_forward`) over the prompts of `encoded`, packed
     several to a row (`rows[r]` lists the indices into `encoded` that row r holds, in order) in batches of
     `batch_size` rows sharded over the runtime's mesh, the frozen parameters (`frozen_params`) placed on their
@@ -115,7 +144,8 @@ def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: in
     if batch_size % n_split:
         raise ValueError(f"{what}: batch_size={batch_size} is not divisible by the {n_split} devices the "
                          f"mesh {dict(runtime.mesh.shape)} splits the batch over")
-    jitted, shardings = _jitted_forward(cfg, _check_layer(cfg, layer), every_token, runtime.mesh, runtime.rules)
+    layers = tuple(_check_layer(cfg, layer) for layer in layers)
+    jitted, shardings = _jitted_forward(cfg, layers, pooling, runtime.mesh, runtime.rules)
     params = parallel.shard_params(frozen_params(cfg, lm_params), shardings)
     for rows, batch in batching.packed_batches([e["prompt"] for e in encoded], batch_size):
         with runtime.tracing():
@@ -123,8 +153,9 @@ def _map_prompts(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: in
 
 
 def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer: int, runtime,
-                     batch_size: int = 64) -> np.ndarray:
-    """Features [N, hidden] (float32) of hidden state `layer` at the last prompt token, in the order of `encoded`.
+                     batch_size: int = 64, pooling: str = "last") -> np.ndarray:
+    """Features [N, hidden] (float32) of hidden state `layer` at the last prompt token (`pooling='last'`) or averaged
+    over the prompt's tokens (`'mean'`), in the order of `encoded`.
 
     `layer` indexes `(embeddings, layer_1, ..., layer_{N-1}, norm(layer_N))`; negative counts from the end (-1 is
     the final normed output the classification head reads). `encoded` comes from `batching.encode_examples` (any
@@ -133,10 +164,18 @@ def extract_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layer
     intermediate layer holds every layer's states of a batch ([layers, B, L, H]) at once: lower `batch_size` if
     that does not fit.
     """
-    out = np.zeros((len(encoded), cfg.hidden_size), np.float32)
-    for rows, feats in _map_prompts(cfg, lm_params, encoded, layer, False, runtime, batch_size, "extract_features"):
+    return extract_layer_features(cfg, lm_params, encoded, [layer], runtime, batch_size, pooling)[0]
+
+
+def extract_layer_features(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], layers: Sequence[int], runtime,
+                           batch_size: int = 64, pooling: str = "last") -> np.ndarray:
+    """`extract_features` at several layers from one forward pass: [len(layers), N, hidden] float32."""
+    check_pooling(pooling)
+    out = np.zeros((len(layers), len(encoded), cfg.hidden_size), np.float32)
+    for rows, feats in _map_prompts(cfg, lm_params, encoded, layers, pooling, runtime, batch_size,
+                                    "extract_features"):
         for r, row in enumerate(rows):
-            out[row] = feats[r, :len(row)]
+            out[:, row] = feats[:, r, :len(row)]
     return out
 
 
@@ -148,7 +187,7 @@ def extract_prompt_states(cfg: LlamaConfig, lm_params, encoded: Sequence[dict], 
     lengths = [len(e["prompt"]) for e in encoded]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     out = np.zeros((int(starts[-1]), cfg.hidden_size), np.float32)
-    for rows, states in _map_prompts(cfg, lm_params, encoded, layer, True, runtime, batch_size,
+    for rows, states in _map_prompts(cfg, lm_params, encoded, [layer], "states", runtime, batch_size,
                                      "extract_prompt_states"):
         for r, row in enumerate(rows):
             at = 0

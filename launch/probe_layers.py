@@ -1,0 +1,114 @@
+"""Which hidden state, and which token, should a model's linear probe read? Measured on ground truth only.
+
+    python launch/probe_layers.py --config=configs/sentiment.py --models=scratch,weak,mid,strong
+
+For each model of the config, the features of the training pool at every `--stride`-th hidden state (and the last,
+the final normed one), at the prompt's last token and averaged over its tokens (`probe.pooling` 'last' / 'mean'):
+one forward pass per pooling. Each is scored by `--folds`-fold cross-validation of the config's probe
+(`probe.train_logreg` with the `probe` settings) on half A's ground truth of each seed in `--seeds`, the data a
+ground-truth model of that seed trains on: the test set is never read, so the choice can be written into the config
+(`model(probe_layer=..., probe_pooling=...)`) without tuning on it. Prints a markdown table and writes it to
+`<workdir>/probe_layers.md`. Models pretrained here are pretrained first, as `main.py` does, into the same workdir.
+"""
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import main  # noqa: E402  (launch/main.py: the workdir and CPU devices, as a run gets them)
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", main.DEFAULT_CONFIG, "Experiment config file[:preset].", lock_config=True)
+flags.DEFINE_string("workdir", None, "The run's directory (default: as launch/main.py).")
+flags.DEFINE_string("models", "", "Comma-separated models of the config (default: all).")
+flags.DEFINE_integer("stride", 2, "Score every stride-th hidden state (0 is the embeddings), and the last.")
+flags.DEFINE_string("seeds", "0,1", "Seeds whose half A is cross-validated.")
+flags.DEFINE_integer("folds", 5, "Cross-validation folds.")
+
+
+def cross_val_accuracy(features, labels, folds: int, seed: int, **train_kwargs) -> float:
+    """Mean held-out accuracy of `probe.train_logreg` over `folds` folds of (features [N, H], labels [N])."""
+    import numpy as np
+    from w2s_jax import probe
+    order = np.random.default_rng(seed).permutation(len(labels))
+    targets = np.eye(labels.max() + 1, dtype=np.float32)[labels]
+    scores = []
+    for held in np.array_split(order, folds):
+        fit = np.setdiff1d(order, held)
+        params = probe.train_logreg(features[fit], targets[fit], seed=seed,
+                                    **{**train_kwargs, "batch_size": min(train_kwargs["batch_size"], len(fit))})
+        scores.append(float(np.mean(probe.probe_predict(params, features[held]) == labels[held])))
+    return float(np.mean(scores))
+
+
+def scores(exp, model: str, stride: int, seeds: list[int], folds: int) -> list[tuple[int, str, float, list]]:
+    """(layer, pooling, mean cross-validated accuracy, per seed) for every layer scored of `model`."""
+    import numpy as np
+    from w2s_jax import pipeline, probe
+    lcfg, params = exp.load_model(model)
+    n = lcfg.num_hidden_layers
+    layers = sorted(set(range(0, n + 1, stride)) | {n})
+    labels = np.array([ex["label"] for ex in exp.train])
+    p = exp.cfg.probe
+    fit = dict(l2=p.l2, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size)
+    out = []
+    for pooling in probe.POOLINGS:
+        feats = probe.extract_layer_features(lcfg, params, exp.enc["train"], layers, exp.runtime,
+                                             exp.cfg.eval.batch_size, pooling)
+        for layer, f in zip(layers, feats):
+            per_seed = []
+            for seed in seeds:
+                half_a, _ = pipeline.split_halves(exp.train, seed)
+                per_seed.append(cross_val_accuracy(f[half_a], labels[half_a], folds, seed, **fit))
+            out.append((layer, pooling, float(np.mean(per_seed)), per_seed))
+            print(f"{model} layer {layer} {pooling}: {np.mean(per_seed):.3f}", flush=True)
+    return out
+
+
+def markdown(results: dict, seeds: list[int], folds: int) -> str:
+    lines = [f"Cross-validated accuracy ({folds} folds) on half A's ground truth, seeds {seeds}; "
+             "layer n is the final normed state; best per model in bold.", "",
+             "| model | layer | last token | mean over the prompt | per seed (last / mean) |", "|---|---:|---:|---:|---|"]
+    for model, rows in results.items():
+        best = max(r[2] for r in rows)
+        by_layer = {}
+        for layer, pooling, acc, per_seed in rows:
+            by_layer.setdefault(layer, {})[pooling] = (acc, per_seed)
+        for layer, cell in sorted(by_layer.items()):
+            fmt = lambda acc: f"**{acc:.3f}**" if acc == best else f"{acc:.3f}"
+            per = " / ".join(" ".join(f"{a:.3f}" for a in cell[k][1]) for k in ("last", "mean"))
+            lines.append(f"| {model} | {layer} | {fmt(cell['last'][0])} | {fmt(cell['mean'][0])} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(argv):
+    del argv
+    cfg = FLAGS.config
+    workdir = FLAGS.workdir or main.default_workdir(cfg)
+    os.environ["XLA_FLAGS"] = main.cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.get("cpu_devices", 0),
+                                                    os.cpu_count() or 1)
+    from w2s_jax import pipeline
+    pipeline.validate_config(cfg)
+    seeds = pipeline.parse_seeds(FLAGS.seeds)
+    exp = pipeline.Experiment(cfg, workdir)
+    exp.prepare_data()
+    models = pipeline.parse_list(FLAGS.models) or exp.ladder()
+    unknown = [m for m in models if m not in cfg.models]
+    if unknown:
+        raise SystemExit(f"--models: unknown model(s) {unknown}; the config has {sorted(cfg.models)}")
+    results = {}
+    for model in models:
+        exp.ensure_model(model)
+        results[model] = scores(exp, model, FLAGS.stride, seeds, FLAGS.folds)
+    table = markdown(results, seeds, FLAGS.folds)
+    print(table)
+    with open(os.path.join(workdir, "probe_layers.md"), "w") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    app.run(run)
