@@ -10,6 +10,7 @@ ground-truth model of that seed trains on: the test set is never read, so the ch
 (`model(probe_layer=..., probe_pooling=...)`) without tuning on it. Prints a markdown table and writes it to
 `<workdir>/probe_layers.md`. Models pretrained here are pretrained first, as `main.py` does, into the same workdir.
 """
+import logging
 import os
 import sys
 
@@ -89,6 +90,8 @@ def run(argv):
     del argv
     cfg = FLAGS.config
     workdir = FLAGS.workdir or main.default_workdir(cfg)
+    logging.getLogger().setLevel(logging.WARNING)  # libraries (orbax, absl) stay quiet, as in main.py
+    logging.getLogger("w2s_jax").setLevel(logging.INFO)
     os.environ["XLA_FLAGS"] = main.cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.get("cpu_devices", 0),
                                                     os.cpu_count() or 1)
     from w2s_jax import pipeline

@@ -175,7 +175,7 @@ def test_sentiment_smoke_on_the_real_smollm2_and_real_labels(tmp_path):
     if not (assets.is_cached(assets.SMOLLM2) and assets.is_cached(assets.SENTIMENT)):
         pytest.skip("the assets are not cached: python -m w2s_jax.assets all")
     workdir = str(tmp_path / "run")
-    run_main("--config=configs/sentiment.py:smoke", f"--workdir={workdir}")
+    run_main("--config=configs/sentiment.py:smoke", f"--workdir={workdir}", "--config.models.weak.probe_pooling=mean")
     results = check_results_consistent(workdir)
     by_name = {r["name"]: r for r in results["runs"]}
     assert {"gt_weak", "gt_strong", "w2s_weak_to_strong_xent", "control_weak_to_strong_random_flips",
@@ -185,7 +185,15 @@ def test_sentiment_smoke_on_the_real_smollm2_and_real_labels(tmp_path):
     assert any("rated snippets" in note for note in results["notes"])
     assert any("pretraining corpus:" in note for note in results["notes"])  # the scratch model's, no test text
     with open(os.path.join(workdir, "seed0", "runs", "gt_weak", "result.json")) as f:
-        assert json.load(f)["method"] == "probe"
+        assert {k: v for k, v in json.load(f).items() if k.startswith("probe") or k == "method"} == {
+            "method": "probe", "probe_layer": -1, "probe_pooling": "mean"}
+    # the weak model's probes read its mean state, the others their last token (the features cached apart)
+    assert "probe features: scratch: the final normed state, the prompt's last token; weak: the final normed " \
+           "state, the mean over the prompt's tokens; mid: the final normed state, the prompt's last token; " \
+           "strong: the final normed state, the prompt's last token" in results["notes"]
+    cached = {"_".join(name.split("_")[:3]) for name in os.listdir(os.path.join(workdir, "features"))}
+    assert cached == {f"{m}_{split}" for m in ("scratch_layer-1", "weak_mean-1", "mid_layer-1", "strong_layer-1")
+                      for split in ("train", "test")}
 
 
 @pytest.mark.slow(150)

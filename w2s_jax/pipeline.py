@@ -824,6 +824,11 @@ class Experiment:
             lcfg = self.model_config(m)
             self.models[m] = {"params": lcfg.num_params, "non_embedding_params": lcfg.num_non_embedding_params}
         self.supervisors = {p[0] for p in pairs} | {c[0] for c in chains}
+        if self.probing or "probe" in parse_list(exp.methods):
+            where = {"last": "the prompt's last token", "mean": "the mean over the prompt's tokens"}
+            state = lambda k: "the final normed state" if k == -1 else f"hidden state {k}"
+            self.notes.append("probe features: " + "; ".join(
+                f"{m}: {state(self.feature_layer(m))}, {where[self.feature_pooling(m)]}" for m in order))
         per_seed = {}
         for seed in self.seeds:
             self.use_seed(seed)
