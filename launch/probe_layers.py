@@ -31,21 +31,6 @@ flags.DEFINE_string("seeds", "0,1", "Seeds whose half A is cross-validated.")
 flags.DEFINE_integer("folds", 5, "Cross-validation folds.")
 
 
-def cross_val_accuracy(features, labels, folds: int, seed: int, **train_kwargs) -> float:
-    """Mean held-out accuracy of `probe.train_logreg` over `folds` folds of (features [N, H], labels [N])."""
-    import numpy as np
-    from w2s_jax import probe
-    order = np.random.default_rng(seed).permutation(len(labels))
-    targets = np.eye(labels.max() + 1, dtype=np.float32)[labels]
-    scores = []
-    for held in np.array_split(order, folds):
-        fit = np.setdiff1d(order, held)
-        params = probe.train_logreg(features[fit], targets[fit], seed=seed,
-                                    **{**train_kwargs, "batch_size": min(train_kwargs["batch_size"], len(fit))})
-        scores.append(float(np.mean(probe.probe_predict(params, features[held]) == labels[held])))
-    return float(np.mean(scores))
-
-
 def scores(exp, model: str, stride: int, seeds: list[int], folds: int) -> list[tuple[int, str, float, list]]:
     """(layer, pooling, mean cross-validated accuracy, per seed) for every layer scored of `model`."""
     import numpy as np
@@ -64,7 +49,7 @@ def scores(exp, model: str, stride: int, seeds: list[int], folds: int) -> list[t
             per_seed = []
             for seed in seeds:
                 half_a, _ = pipeline.split_halves(exp.train, seed)
-                per_seed.append(cross_val_accuracy(f[half_a], labels[half_a], folds, seed, **fit))
+                per_seed.append(probe.cross_val_accuracy(f[half_a], labels[half_a], folds, seed, **fit))
             out.append((layer, pooling, float(np.mean(per_seed)), per_seed))
             print(f"{model} layer {layer} {pooling}: {np.mean(per_seed):.3f}", flush=True)
     return out

@@ -196,6 +196,27 @@ def test_sentiment_smoke_on_the_real_smollm2_and_real_labels(tmp_path):
                       for split in ("train", "test")}
 
 
+@pytest.mark.slow(30)
+def test_probe_layers_scores_every_state_and_pooling_of_a_model(tmp_path):
+    """launch/probe_layers.py on the smoke preset's 1-layer exit: both states (the embeddings and the final normed
+    one) at the last token and averaged, cross-validated on half A's ground truth, written as a markdown table."""
+    from w2s_jax import assets
+    if not (assets.is_cached(assets.SMOLLM2) and assets.is_cached(assets.SENTIMENT)):
+        pytest.skip("the assets are not cached: python -m w2s_jax.assets all")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "probe_layers.py"),
+                           "--config=configs/sentiment.py:smoke", f"--workdir={tmp_path}", "--models=weak",
+                           "--seeds=0", "--folds=2"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "XLA_FLAGS": ""}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "probe_layers.md") as f:
+        rows = [line.split(" | ") for line in f.read().splitlines() if line.startswith("| weak |")]
+    assert [r[1] for r in rows] == ["0", "1"]
+    accs = [float(cell.strip("*")) for r in rows for cell in r[2:4]]
+    assert all(0.0 <= a <= 1.0 for a in accs) and sum("**" in "".join(r) for r in rows) == 1  # one best
+    # the last token of every prompt is the template's ':', so its embedding cannot tell the classes apart
+    assert float(rows[0][2]) <= 0.6 < max(accs)
+
+
 @pytest.mark.slow(150)
 def test_sentiment_smoke_finetuning_the_top_layers(tmp_path):
     """The `finetune` preset's method at smoke size: each model's top layer finetuned on the hidden states of its

@@ -286,3 +286,17 @@ def test_train_logreg_rejects_bad_targets():
         probe.train_logreg(x, np.array([[1.0, 1.0]] * 4))
     with pytest.raises(ValueError, match="val: features/targets widths 2/2 differ from the training set's 3/2"):
         probe.train_logreg(x, np.eye(2)[[0, 1, 0, 1]], val=(np.zeros((2, 2)), np.eye(2)))
+
+
+def test_cross_validation_scores_each_fold_on_data_it_did_not_fit():
+    """With constant features a probe can only learn the class prior, so each fold predicts the majority class of
+    the other folds: the score is then the majority class's share of each held-out fold, averaged. Features that
+    carry the label score 1."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random(60) < 0.7).astype(np.int64)
+    kwargs = dict(l2=1e-3, lr=0.1, epochs=30, batch_size=16)
+    got = probe.cross_val_accuracy(np.ones((60, 3), np.float32), labels, 4, seed=5, **kwargs)
+    folds = np.array_split(np.random.default_rng(5).permutation(60), 4)
+    assert got == pytest.approx(np.mean([labels[f].mean() for f in folds]))
+    separable = np.eye(2, dtype=np.float32)[labels] + 0.01 * rng.standard_normal((60, 2)).astype(np.float32)
+    assert probe.cross_val_accuracy(separable, labels, 4, seed=5, **kwargs) == 1.0

@@ -365,3 +365,20 @@ def train_logreg(features, targets, *, l2: float = 1e-3, lr: float = 1e-2, epoch
         if val is not None and since_best >= patience:
             break
     return best if val is not None else as_params(w)
+
+
+def cross_val_accuracy(features, labels, folds: int, seed: int, **train_kwargs) -> float:
+    """Mean held-out accuracy of `train_logreg(..., **train_kwargs)` over `folds` folds of (features [N, H], class
+    labels [N]), the folds a permutation by `seed`: how well a probe on these features would do, from training data
+    alone (launch/probe_layers.py chooses a model's probe layer and pooling with it)."""
+    labels = np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    targets = np.eye(int(labels.max()) + 1, dtype=np.float32)[labels]
+    batch_size = train_kwargs.pop("batch_size", 256)
+    scores = []
+    for held in np.array_split(order, folds):
+        fit = np.setdiff1d(order, held)
+        params = train_logreg(features[fit], targets[fit], seed=seed, batch_size=min(batch_size, len(fit)),
+                              **train_kwargs)
+        scores.append(float(np.mean(probe_predict(params, features[held]) == labels[held])))
+    return float(np.mean(scores))
