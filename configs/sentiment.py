@@ -37,7 +37,7 @@ def get_config(preset: str = "default"):
     c.models.mid = model(source="hf", checkpoint="asset:smollm2", layers=4)
     # Every probe reads the last prompt token; for SmolLM2 state 20 (launch/probe_layers.py, cross-validated on half
     # A's ground truth: states 18-22 at the last token are the best; the 2-layer exit would do better averaged over
-    # the prompt, `probe_pooling="mean"`, but then no worse than the 4-layer one: docs/SENTIMENT.md).
+    # the prompt, `probe_pooling="mean"`, but then be as strong as the 4-layer one: docs/SENTIMENT.md).
     c.models.strong = model(source="hf", checkpoint="asset:smollm2", probe_layer=20)
     c.train.method = "probe"
     c.probe.update(l2=1e-2, lr=1e-2, epochs=100, batch_size=128, patience=10)
