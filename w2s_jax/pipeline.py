@@ -159,12 +159,14 @@ def validate_config(cfg) -> None:
         if "finetune_probe" in parse_list(exp.methods):
             problems.append(f"experiment.methods 'finetune_probe' probes the finetuned model's layer "
                             f"probe.layer, which train.trainable_layers={k} does not build: set it to 0")
-    from w2s_jax.probe import POOLINGS
+    from w2s_jax.probe import check_pooling
     for key, pooling in [("probe.pooling", cfg.probe.get("pooling"))] + [
             (f"models.{name}.probe_pooling", m.probe_pooling) for name, m in cfg.models.items()
             if m.get("probe_pooling") is not None]:
-        if pooling not in POOLINGS:
-            problems.append(f"{key}={pooling!r}: expected one of {list(POOLINGS)}")
+        try:
+            check_pooling(pooling, key)
+        except ValueError as e:
+            problems.append(str(e))
     for control in parse_list(exp.controls):
         if control != "random_flips":
             problems.append(f"experiment.controls: unknown control {control!r}; the valid one is 'random_flips'")

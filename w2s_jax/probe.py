@@ -68,6 +68,7 @@ POOLINGS = ("last", "mean")
 
 
 def check_pooling(pooling: str, what: str = "pooling") -> str:
+    """`pooling` if it is one of POOLINGS, else a ValueError that names it as `what` (the config key)."""
     if pooling not in POOLINGS:
         raise ValueError(f"{what}={pooling!r}: expected one of {list(POOLINGS)}")
     return pooling
