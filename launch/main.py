@@ -315,10 +315,7 @@ def main(argv):
     from w2s_jax import pipeline, report
     from w2s_jax.train import Preempted
 
-    try:
-        pipeline.validate_config(cfg)
-    except ValueError as e:  # "invalid config:" and one problem a line
-        raise UserError(str(e).replace(":\n  - ", ": ", 1).replace("\n  - ", "; ")) from e
+    validate(cfg)
     # Persistent compilation cache: identical programs (same model and shapes in several runs, and every rerun)
     # compile once.
     import jax
@@ -339,6 +336,15 @@ def main(argv):
 def wants_traceback(argv) -> bool:
     """--debug or W2S_DEBUG=1, read from argv itself: a mistake can stop the program before the flags are parsed."""
     return os.environ.get("W2S_DEBUG", "0") not in ("", "0") or any(a in ("--debug", "--debug=true") for a in argv)
+
+
+def validate(cfg) -> None:
+    """`pipeline.validate_config`, its problems as one UserError line (it lists them one a line)."""
+    from w2s_jax import pipeline
+    try:
+        pipeline.validate_config(cfg)
+    except ValueError as e:
+        raise UserError(str(e).replace(":\n  - ", ": ", 1).replace("\n  - ", "; ")) from e
 
 
 def run(argv) -> int:

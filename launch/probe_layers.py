@@ -20,15 +20,17 @@ sys.path.insert(0, REPO)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import main  # noqa: E402  (launch/main.py: the workdir and CPU devices, as a run gets them)
+import main  # noqa: E402  (launch/main.py: the workdir, CPU devices and config checks, as a run gets them)
+from w2s_jax.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", main.DEFAULT_CONFIG, "Experiment config file[:preset].", lock_config=True)
 flags.DEFINE_string("workdir", None, "The run's directory (default: as launch/main.py).")
 flags.DEFINE_string("models", "", "Comma-separated models of the config (default: all).")
-flags.DEFINE_integer("stride", 2, "Score every stride-th hidden state (0 is the embeddings), and the last.")
+flags.DEFINE_integer("stride", 2, "Score every stride-th hidden state (0 is the embeddings), and the last.",
+                     lower_bound=1)
 flags.DEFINE_string("seeds", "0,1", "Seeds whose half A is cross-validated.")
-flags.DEFINE_integer("folds", 5, "Cross-validation folds.")
+flags.DEFINE_integer("folds", 5, "Cross-validation folds.", lower_bound=2)
 
 
 def scores(exp, model: str, stride: int, seeds: list[int], folds: int) -> list[tuple[int, str, float, list]]:
@@ -79,17 +81,20 @@ def run(argv):
     logging.getLogger("w2s_jax").setLevel(logging.INFO)
     os.environ["XLA_FLAGS"] = main.cpu_device_flags(os.environ.get("XLA_FLAGS", ""), cfg.get("cpu_devices", 0),
                                                     os.cpu_count() or 1)
+    main.validate(cfg)
     from w2s_jax import pipeline
-    pipeline.validate_config(cfg)
-    seeds = pipeline.parse_seeds(FLAGS.seeds)
-    exp = pipeline.Experiment(cfg, workdir)
-    exp.prepare_data()
-    models = pipeline.parse_list(FLAGS.models) or exp.ladder()
+    try:
+        seeds = pipeline.parse_seeds(FLAGS.seeds)
+    except UserError:
+        raise UserError(f"--seeds={FLAGS.seeds!r}: expected comma-separated integers such as '0,1'") from None
+    models = pipeline.parse_list(FLAGS.models)
     unknown = [m for m in models if m not in cfg.models]
     if unknown:
-        raise SystemExit(f"--models: unknown model(s) {unknown}; the config has {sorted(cfg.models)}")
+        raise UserError(f"--models: unknown model(s) {unknown}; the config has {sorted(cfg.models)}")
+    exp = pipeline.Experiment(cfg, workdir)
+    exp.prepare_data()
     results = {}
-    for model in models:
+    for model in models or exp.ladder():
         exp.ensure_model(model)
         results[model] = scores(exp, model, FLAGS.stride, seeds, FLAGS.folds)
     table = markdown(results, seeds, FLAGS.folds)
@@ -99,4 +104,8 @@ def run(argv):
 
 
 if __name__ == "__main__":
-    app.run(run)
+    try:
+        app.run(run)
+    except UserError as e:  # one line and exit status 2, as launch/main.py ends a mistake in the input
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

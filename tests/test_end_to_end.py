@@ -217,6 +217,19 @@ def test_probe_layers_scores_every_state_and_pooling_of_a_model(tmp_path):
     assert float(rows[0][2]) <= 0.6 < max(accs)
 
 
+@pytest.mark.parametrize("flag, error", [
+    ("--config.probe.pooling=max", "error: invalid config: probe.pooling='max': expected one of ['last', 'mean']"),
+    ("--models=weak,foo", "error: --models: unknown model(s) ['foo']; the config has ['mid', 'scratch', 'strong', "
+                          "'weak']"),
+    ("--seeds=0,x", "error: --seeds='0,x': expected comma-separated integers such as '0,1'")])
+def test_probe_layers_bad_input_ends_with_one_line(tmp_path, flag, error):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "probe_layers.py"),
+                           "--config=configs/sentiment.py:smoke", f"--workdir={tmp_path}", flag], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == error and proc.returncode == 2
+
+
 @pytest.mark.slow(150)
 def test_sentiment_smoke_finetuning_the_top_layers(tmp_path):
     """The `finetune` preset's method at smoke size: each model's top layer finetuned on the hidden states of its
