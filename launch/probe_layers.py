@@ -43,15 +43,14 @@ def scores(exp, model: str, stride: int, seeds: list[int], folds: int) -> list[t
     labels = np.array([ex["label"] for ex in exp.train])
     p = exp.cfg.probe
     fit = dict(l2=p.l2, lr=p.lr, epochs=p.epochs, batch_size=p.batch_size)
+    halves_a = [pipeline.split_halves(exp.train, seed)[0] for seed in seeds]
     out = []
     for pooling in probe.POOLINGS:
         feats = probe.extract_layer_features(lcfg, params, exp.enc["train"], layers, exp.runtime,
                                              exp.cfg.eval.batch_size, pooling)
         for layer, f in zip(layers, feats):
-            per_seed = []
-            for seed in seeds:
-                half_a, _ = pipeline.split_halves(exp.train, seed)
-                per_seed.append(probe.cross_val_accuracy(f[half_a], labels[half_a], folds, seed, **fit))
+            per_seed = [probe.cross_val_accuracy(f[a], labels[a], folds, seed, **fit)
+                        for seed, a in zip(seeds, halves_a)]
             out.append((layer, pooling, float(np.mean(per_seed)), per_seed))
             print(f"{model} layer {layer} {pooling}: {np.mean(per_seed):.3f}", flush=True)
     return out

@@ -368,14 +368,13 @@ def train_logreg(features, targets, *, l2: float = 1e-3, lr: float = 1e-2, epoch
     return best if val is not None else as_params(w)
 
 
-def cross_val_accuracy(features, labels, folds: int, seed: int, **train_kwargs) -> float:
+def cross_val_accuracy(features, labels, folds: int, seed: int, batch_size: int = 256, **train_kwargs) -> float:
     """Mean held-out accuracy of `train_logreg(..., **train_kwargs)` over `folds` folds of (features [N, H], class
     labels [N]), the folds a permutation by `seed`: how well a probe on these features would do, from training data
     alone (launch/probe_layers.py chooses a model's probe layer and pooling with it)."""
     labels = np.asarray(labels)
     order = np.random.default_rng(seed).permutation(len(labels))
     targets = np.eye(int(labels.max()) + 1, dtype=np.float32)[labels]
-    batch_size = train_kwargs.pop("batch_size", 256)
     scores = []
     for held in np.array_split(order, folds):
         fit = np.setdiff1d(order, held)
